@@ -1,0 +1,61 @@
+"""Reading a generation without checking it out: its manifest, a directory listing, one file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import manifest
+from .checkout import CheckoutResult, Progress, check_objects, prepare_destination, restore
+from .errors import IntegrityError, NotFound, UsageError
+from .generations import Generation
+from .manifest import DIR, FILE, HARDLINK, Entry
+from .store import Store
+
+
+def entries(store: Store, gen: Generation) -> list[Entry]:
+    if not store.objects.has(gen.manifest):
+        raise IntegrityError(f"the manifest of {gen.ref} is missing", "run: imgstore verify")
+    return manifest.decode(store.objects.read(gen.manifest), f"manifest of {gen.ref}")
+
+
+def _rel(path: str) -> bytes:
+    p = os.fsencode(path).strip(b"/")
+    parts = [x for x in p.split(b"/") if x not in (b"", b".")]
+    if b".." in parts:
+        raise UsageError(f"path {path!r} contains '..'", "give a path inside the generation, like /etc/fstab")
+    return b"/".join(parts) or b"."
+
+
+def find(store: Store, gen: Generation, path: str) -> tuple[Entry, list[Entry]]:
+    rel = _rel(path)
+    es = entries(store, gen)
+    for e in es:
+        if e.path == rel:
+            return e, es
+    raise NotFound(f"{path} is not in {gen.ref}", f"run: imgstore ls {gen.ref} {os.path.dirname(path) or '/'}")
+
+
+def listdir(store: Store, gen: Generation, path: str) -> list[Entry]:
+    e, es = find(store, gen, path)
+    if e.type != DIR:
+        return [e]
+    prefix = b"" if e.path == b"." else e.path + b"/"
+    return [x for x in es if x.path.startswith(prefix) and x.path != b"." and b"/" not in x.path[len(prefix):]]
+
+
+def read_file(store: Store, gen: Generation, path: str) -> Iterator[bytes]:
+    e, es = find(store, gen, path)
+    if e.type == HARDLINK:
+        e = next(x for x in es if x.path == e.target)
+    if e.type != FILE:
+        raise UsageError(f"{path} in {gen.ref} is not a regular file (type {e.type})", f"run: imgstore ls {gen.ref} {path}")
+    return store.objects.read_chunks(e.digest)
+
+
+def checkout(store: Store, gen: Generation, dest: Path, progress: Progress | None = None) -> CheckoutResult:
+    es = entries(store, gen)
+    check_objects(store.objects, es)  # before the destination is touched
+    prepare_destination(dest)
+    return restore(store.objects, es, dest, progress, own=os.geteuid() == 0)

@@ -1,0 +1,448 @@
+"""The command line: each command parses its arguments, calls one library function and renders the result.
+
+No SQL and no file-system work here. Errors from the library (ImgstoreError) become one line on stderr
+and the error's exit code; docs/exit-codes.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .errors import ImgstoreError, UsageError
+from .scan import DEFAULT_EXCLUDES
+
+app = typer.Typer(
+    name="imgstore",
+    help="Immutable, content-addressed generations of network-booted root filesystems, "
+    "with atomic PXE rollout and rollback.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+profile_app = typer.Typer(help="List and show profiles (profiles/*.toml in the store).", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+
+class State:
+    root: Path | None = None
+
+
+state = State()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+NoWait = Annotated[bool, typer.Option("--no-wait", help="Exit with code 7 instead of waiting for the store lock.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"imgstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    root: Annotated[
+        Optional[Path],
+        typer.Option("--root", "-R", envvar="IMGSTORE_ROOT", help="The store folder [default: /var/lib/imgstore]."),
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    state.root = root
+
+
+def open_store() -> Any:
+    from .store import Store
+
+    return Store.open(state.root)
+
+
+def emit_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=_json_default, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return os.fspath(o)
+    if isinstance(o, bytes):
+        return os.fsdecode(o)
+    if hasattr(o, "as_dict"):
+        return o.as_dict()
+    raise TypeError(type(o).__name__)
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    # Piped output is for scripts and logs: do not wrap tables at 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def err_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+@contextmanager
+def progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A files/bytes/throughput bar on a terminal; nothing when stderr is not one."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t0 = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console(), transient=True) as bar:
+        task = bar.add_task(what)
+
+        def update(entries: int, nbytes: int) -> None:
+            rate = nbytes / max(time.monotonic() - t0, 1e-6)
+            bar.update(task, description=f"{what}: {entries:,} entries, {human_bytes(nbytes)}, {human_bytes(rate)}/s")
+
+        yield update
+
+
+# ---------------------------------------------------------------------------------------------------
+@app.command()
+def init(
+    database: Annotated[
+        Optional[str],
+        typer.Option(help="SQLAlchemy URL of the database, e.g. postgresql+psycopg://imgstore@db/imgstore "
+                     "[default: SQLite in the store]"),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a store (with the example profiles web and hadoop).
+
+    Example: imgstore --root /var/lib/imgstore init
+    """
+    from .store import Store, default_root
+
+    store = Store.init(state.root or default_root(), database)
+    if json_out:
+        emit_json({"root": store.root, "database": store.database_url})
+    else:
+        print(f"initialised store {store.root} (database {store.database_url.split('://')[0]}, "
+              f"profiles in {store.profiles_dir})")
+
+
+_EXCLUDES_HELP = "Default excludes (per profile: [commit] exclude, default_excludes): " + ", ".join(DEFAULT_EXCLUDES)
+
+
+@app.command(help=f"""Snapshot a chroot as the profile's next generation.
+
+Walks the tree without following symlinks or crossing mounts (skipped mounts are reported), stores new
+content once, and records kernel and initrd from the chroot's /boot. An unchanged tree creates nothing.
+
+{_EXCLUDES_HELP}
+
+Example: imgstore commit /srv/chroots/web --profile web -m "php security update"
+""")
+def commit(
+    chroot: Annotated[Optional[Path], typer.Argument(help="The chroot [default: the profile's commit.chroot].")] = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name (profiles/NAME.toml).")] = "web",
+    message: Annotated[str, typer.Option("--message", "-m", help="What changed.")] = "",
+    kernel: Annotated[Optional[Path], typer.Option(help="Kernel image to use instead of the chroot's.")] = None,
+    initrd: Annotated[Optional[Path], typer.Option(help="Initrd to use instead of the chroot's.")] = None,
+    no_kernel: Annotated[bool, typer.Option("--no-kernel", help="Commit without kernel and initrd.")] = False,
+    no_wait: NoWait = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from . import commit as commit_mod
+
+    store = open_store()
+    if chroot is None:
+        chroot = store.profile(profile).chroot
+        if chroot is None:
+            raise UsageError(f"profile {profile} sets no commit.chroot", "give the chroot path as an argument")
+    with progress_bar("commit") as bar:
+        res = commit_mod.commit(store, chroot, profile, message, kernel, initrd, no_kernel, bar, wait=not no_wait)
+    if json_out:
+        emit_json(res)
+        return
+    g = res.generation
+    err = sys.stderr
+    for m in res.skipped_mounts:
+        print(f"skipped {m}: another filesystem is mounted there", file=err)
+    for s in res.skipped_sockets:
+        print(f"warning: skipped socket {s}", file=err)
+    if not res.created:
+        print(f"nothing changed: {chroot} is identical to {g.ref} ({g.short}); no generation created")
+        return
+    print(
+        f"committed {g.ref} {g.short}: {res.entries:,} entries, {res.files:,} files, {human_bytes(res.bytes)}; "
+        f"read {res.read_files:,} files, stored {human_bytes(g.new_bytes)} new, in {res.seconds:.2f} s"
+    )
+    if g.kernel is None:
+        print("note: this generation has no kernel (committed with --no-kernel)")
+
+
+@app.command("generations")
+def generations_cmd(
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Only this profile.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List generations: number, id, date, message, files, size, bytes newly stored.
+
+    Example: imgstore generations --profile web
+    """
+    from . import generations as gens
+
+    store = open_store()
+    if profile:
+        store.profile(profile)
+    with store.engine.connect() as conn:
+        rows = gens.list_(conn, profile)
+    if json_out:
+        emit_json([g.as_dict() for g in rows])
+        return
+    from rich.table import Table
+
+    t = Table(title=None, box=None, header_style="bold")
+    for col in ("generation", "id", "date", "files", "size", "new", "kernel", "message"):
+        t.add_column(col, justify="right" if col in ("files", "size", "new") else "left")
+    for g in rows:
+        t.add_row(g.ref, g.short, when(g.created), f"{g.files:,}", human_bytes(g.size), human_bytes(g.new_bytes),
+                  g.meta.get("kernel_version") or (g.kernel_name or "-"), g.message)
+    if not rows:
+        print("no generations yet; create one with: imgstore commit CHROOT --profile NAME")
+        return
+    console().print(t)
+
+
+def resolve(ref: str, profile: str | None = None) -> tuple[Any, Any]:
+    from . import generations as gens
+
+    store = open_store()
+    with store.engine.connect() as conn:
+        return store, gens.resolve(conn, ref, profile)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="Generation: 42, web@42, web@latest, web@-1 or an id prefix.")],
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Everything known about one generation.
+
+    Example: imgstore show web@latest
+    """
+    _store, g = resolve(ref, profile)
+    if json_out:
+        emit_json(g.as_dict())
+        return
+    rows = [
+        ("generation", g.ref), ("id", g.gen_id), ("created", f"{when(g.created)} by {g.user}@{g.host}"),
+        ("message", g.message), ("source", g.source), ("files", f"{g.files:,}"), ("size", human_bytes(g.size)),
+        ("newly stored", human_bytes(g.new_bytes)), ("manifest", g.manifest),
+        ("kernel", f"{g.kernel_name} {g.kernel}" if g.kernel else "-"),
+        ("initrd", f"{g.initrd_name} {g.initrd}" if g.initrd else "-"), ("boot append", g.append),
+    ] + [(k.replace("_", " "), str(v)) for k, v in sorted(g.meta.items())]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+@app.command()
+def ls(
+    ref: Annotated[str, typer.Argument(help="Generation reference.")],
+    path: Annotated[str, typer.Argument(help="Path inside the generation.")] = "/",
+    json_out: JsonOpt = False,
+) -> None:
+    """List a directory of a generation (like ls -l).
+
+    Example: imgstore ls web@42 /etc
+    """
+    import stat as st
+
+    from . import browse
+
+    store, g = resolve(ref)
+    items = browse.listdir(store, g, path)
+    if json_out:
+        emit_json([{"path": e.path, "type": e.type, "mode": f"{e.mode:04o}", "uid": e.uid, "gid": e.gid,
+                    "size": e.size, "mtime_ns": e.mtime_ns, "digest": e.digest or None,
+                    "target": e.target or None} for e in items])
+        return
+    kinds = {"f": st.S_IFREG, "d": st.S_IFDIR, "l": st.S_IFLNK, "h": st.S_IFREG, "c": st.S_IFCHR,
+             "b": st.S_IFBLK, "p": st.S_IFIFO}
+    for e in items:
+        name = os.fsdecode(e.path).rsplit("/", 1)[-1]
+        extra = f" -> {os.fsdecode(e.target)}" if e.type == "l" else f" => {os.fsdecode(e.target)}" if e.type == "h" else ""
+        size = f"{e.rdev[0]},{e.rdev[1]}" if e.type in "cb" else str(e.size)
+        print(f"{st.filemode(kinds[e.type] | e.mode)} {e.uid:>5} {e.gid:>5} {size:>10} "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.mtime_ns / 1e9))} {name!s}{extra}")
+
+
+@app.command()
+def cat(
+    ref: Annotated[str, typer.Argument(help="Generation reference.")],
+    path: Annotated[str, typer.Argument(help="File inside the generation.")],
+) -> None:
+    """Print a file of a generation to stdout.
+
+    Example: imgstore cat web@42 /etc/fstab
+    """
+    from . import browse
+
+    store, g = resolve(ref)
+    out = sys.stdout.buffer
+    for chunk in browse.read_file(store, g, path):
+        out.write(chunk)
+    out.flush()
+
+
+@app.command()
+def checkout(
+    ref: Annotated[str, typer.Argument(help="Generation reference.")],
+    dest: Annotated[Path, typer.Argument(help="New or empty directory to create the tree in.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Recreate a generation's tree exactly (owners, modes, xattrs, hardlinks, devices, sparse files).
+
+    Example: imgstore checkout web@42 /tmp/web-42
+    """
+    from . import browse
+
+    store, g = resolve(ref)
+    t0 = time.monotonic()
+    with progress_bar("checkout") as bar:
+        res = browse.checkout(store, g, dest, bar)
+    if json_out:
+        emit_json({"generation": g.ref, "dest": dest, **res.__dict__})
+    else:
+        print(f"checked out {g.ref} into {dest}: {res.entries:,} entries, {human_bytes(res.bytes)} "
+              f"in {time.monotonic() - t0:.2f} s")
+
+
+@app.command()
+def verify(
+    repair: Annotated[bool, typer.Option("--repair", help="Quarantine damaged objects and clean temp files.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash every object and manifest; report what is missing or damaged and which generations need it.
+
+    Exit code 0 when the store is clean, 6 when something is missing or damaged.
+
+    Example: imgstore verify
+    """
+    from . import verify as verify_mod
+    from .locking import store_lock
+
+    store = open_store()
+    if repair:
+        with store_lock(store.root, "verify --repair"):
+            rep = verify_mod.verify(store, repair=True)
+    else:
+        rep = verify_mod.verify(store)
+    if json_out:
+        emit_json(rep)
+    else:
+        for p in rep.problems:
+            users = f"; needed by {', '.join(p.generations)}" if p.generations else "; needed by no generation"
+            print(f"{p.kind}: {p.detail}{users if p.kind != 'temp' else ''}" + (f" [{p.what}]" if p.kind == "temp" else ""))
+        for r in rep.repaired:
+            print(f"repaired: {r}")
+        print(f"checked {rep.objects:,} objects in {rep.packs} packs and loose files, {rep.generations} generations "
+              f"in {rep.seconds:.2f} s: " + ("OK" if rep.ok else f"{sum(p.kind != 'temp' for p in rep.problems)} problem(s)"))
+        if not rep.ok:
+            print("next: imgstore verify --repair, then commit the chroot(s) again to re-store the lost content; "
+                  "generations whose content is gone for good can be dropped with imgstore gc", file=sys.stderr)
+    if not rep.ok:
+        raise typer.Exit(6)
+
+
+@profile_app.command("list")
+def profile_list(json_out: JsonOpt = False) -> None:
+    """List the store's profiles.
+
+    Example: imgstore profile list
+    """
+    store = open_store()
+    profs = store.profiles()
+    if json_out:
+        emit_json([p.as_dict() for p in profs])
+        return
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold")
+    for col in ("profile", "root link", "tftp root", "default", "description"):
+        t.add_column(col)
+    for p in profs:
+        t.add_row(p.name, str(p.root_link), str(p.tftp_root), "yes" if p.serve_default else "no", p.description)
+    console().print(t)
+
+
+@profile_app.command("show")
+def profile_show(name: Annotated[str, typer.Argument(help="Profile name.")], json_out: JsonOpt = False) -> None:
+    """Show every setting of a profile, defaults included.
+
+    Example: imgstore profile show web
+    """
+    p = open_store().profile(name)
+    if json_out:
+        emit_json(p.as_dict())
+        return
+    for k, v in p.as_dict().items():
+        print(f"{k:<15} {v}")
+
+
+# ---------------------------------------------------------------------------------------------------
+def run() -> None:
+    """Run the app, turning library errors into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except ImgstoreError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing half-written is visible (the next command cleans up temp files)", 130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+    except PermissionError as exc:
+        _fail(f"permission denied: {exc.filename} (run as root, or use a store you own with --root)", 1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            _fail("aborted", 130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("IMGSTORE_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (re-run with IMGSTORE_DEBUG=1 for a traceback "
+              "and report it)", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"imgstore: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,265 @@
+"""commit: turn the current state of a chroot into a generation.
+
+Order (docs/format.md, "Write ordering"): every object durable -> manifest object -> generation
+object -> database row -> stat cache. A crash at any point leaves at worst unreferenced objects,
+which gc removes; never a row that points at something missing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import bootfiles, faults, generations, manifest, metadata
+from .errors import ChangedWhileReading, NotFound, UsageError
+from .generations import Generation
+from .locking import store_lock
+from .manifest import FILE, Entry
+from .objects import LOOSE_MIN, compressor
+from .scan import Found, scan
+from .statcache import StatCache, cache_path
+from .store import Store
+
+RETRIES = 3
+WINDOW = 256  # files in flight between the walk and the writer
+
+
+@dataclass
+class CommitResult:
+    generation: Generation
+    created: bool
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    read_files: int = 0
+    read_bytes: int = 0
+    new_objects: int = 0
+    new_bytes: int = 0
+    skipped_mounts: list[str] = field(default_factory=list)
+    skipped_sockets: list[str] = field(default_factory=list)
+    excluded: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["generation"] = self.generation.as_dict()
+        return d
+
+
+Progress = Callable[[int, int], None]
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+class _Reader:
+    """Reads, hashes and compresses one file in a worker thread; both release the GIL."""
+
+    def __init__(self, store: Store) -> None:
+        self.objects = store.objects
+
+    def __call__(self, found: Found) -> tuple[str, bytes | None, int]:
+        e = found.entry
+        for _attempt in range(RETRIES):
+            try:
+                fd = os.open(found.abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:
+                raise ChangedWhileReading(
+                    f"{os.fsdecode(found.abspath)} was removed while commit read it",
+                    "let the chroot settle (stop what writes to it) and run commit again",
+                ) from None
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode) or before.st_ino != found.ino:
+                    raise ChangedWhileReading(
+                        f"{os.fsdecode(found.abspath)} was replaced while commit read it",
+                        "let the chroot settle and run commit again",
+                    )
+                if before.st_size < LOOSE_MIN:
+                    data = _read_all(fd, before.st_size)
+                    after = os.fstat(fd)
+                    if not _same(before, after) or len(data) != before.st_size:
+                        continue
+                    digest = blake3.blake3(data).hexdigest()
+                    blob = None if self.objects.has(digest) else compressor().compress(data)
+                    result: tuple[str, bytes | None, int] = (digest, blob, len(data))
+                else:
+                    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                        digest, _new = self.objects.put_stream(f)  # type: ignore[arg-type]
+                    after = os.fstat(fd)
+                    if not _same(before, after):
+                        continue
+                    result = (digest, None, before.st_size)
+            finally:
+                os.close(fd)
+            # The manifest must describe what we read, even if the file changed after the walk.
+            e.size, e.mtime_ns = before.st_size, before.st_mtime_ns
+            e.mode, e.uid, e.gid = stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid
+            e.sparse = before.st_size > 0 and before.st_blocks * 512 < before.st_size
+            found.ctime_ns = before.st_ctime_ns
+            return result
+        raise ChangedWhileReading(
+            f"{os.fsdecode(found.abspath)} kept changing while commit read it ({RETRIES} tries)",
+            "stop what writes to the chroot (or exclude that file in the profile) and run commit again",
+        )
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    want = size + 1  # one byte more than expected, to notice growth
+    while want > 0:
+        b = os.read(fd, want)
+        if not b:
+            break
+        chunks.append(b)
+        want -= len(b)
+    return b"".join(chunks)
+
+
+def commit(
+    store: Store,
+    chroot: Path,
+    profile_name: str,
+    message: str = "",
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    no_kernel: bool = False,
+    progress: Progress | None = None,
+    wait: bool = True,
+) -> CommitResult:
+    t0 = time.monotonic()
+    profile = store.profile(profile_name)
+    chroot = chroot.absolute()
+    for p, what in ((kernel, "--kernel"), (initrd, "--initrd")):
+        if p is not None and not p.is_file():
+            raise NotFound(f"{what} {p} is not a file", f"give the path of the {what[2:]} image")
+    if no_kernel and (kernel or initrd):
+        raise UsageError("--no-kernel contradicts --kernel/--initrd", "give one or the other")
+    entries_iter, report = scan(chroot, profile.excludes)
+    _ = store.engine  # open and check the database before doing any work
+
+    with store_lock(store.root, "commit", wait):
+        scan_started = time.time_ns()
+        cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
+        objects = store.objects
+        _ = objects.index  # load the pack index before the worker threads look at it
+        res_entries: list[Entry] = []
+        result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
+        pending: deque[tuple[Found, Future[tuple[str, bytes | None, int]]]] = deque()
+        reader = _Reader(store)
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                found, fut = pending.popleft()
+                digest, blob, nread = fut.result()
+                found.entry.digest = digest
+                result["read_files"] += 1
+                result["read_bytes"] += nread
+                if blob is not None:
+                    added = objects.add_compressed(digest, nread, blob)
+                    if added:
+                        result["new_objects"] += 1
+                        result["new_bytes"] += added
+                cache.record(found.entry.path, found.ino, found.entry.size, found.entry.mtime_ns,
+                             found.ctime_ns, digest)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+                for found in entries_iter:
+                    e = found.entry
+                    res_entries.append(e)
+                    if e.type == FILE:
+                        result["files"] += 1
+                        result["bytes"] += e.size
+                        digest = cache.lookup(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns)
+                        if digest is not None and objects.has(digest):
+                            e.digest = digest
+                            cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, digest)
+                        else:
+                            pending.append((found, pool.submit(reader, found)))
+                            drain(WINDOW)
+                    if progress and len(res_entries) % 256 == 0:
+                        progress(len(res_entries), result["bytes"])
+                drain(0)
+            faults.point("commit.before-flush")
+            objects.flush()
+        except BaseException:
+            objects.abort()
+            raise
+        if progress:
+            progress(len(res_entries), result["bytes"])
+
+        by_path = {e.path: e for e in res_entries}
+        k_entry, i_entry = bootfiles.find(by_path)
+        kernel_digest = kernel_name = initrd_digest = initrd_name = None
+        if kernel is not None:
+            with open(kernel, "rb") as f:
+                kernel_digest, _ = objects.put_stream(f)
+            kernel_name = kernel.name
+        elif k_entry is not None and not no_kernel:
+            kernel_digest, kernel_name = k_entry.digest, os.fsdecode(k_entry.path).rsplit("/", 1)[-1]
+        if initrd is not None:
+            with open(initrd, "rb") as f:
+                initrd_digest, _ = objects.put_stream(f)
+            initrd_name = initrd.name
+        elif i_entry is not None and not no_kernel:
+            initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
+        if kernel_digest is None and not no_kernel:
+            raise NotFound(
+                f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
+                "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
+            )
+
+        mbytes = b"".join(manifest.encode(res_entries))
+        manifest_digest, mnew = objects.put_bytes(mbytes)
+        faults.point("commit.after-manifest")
+        gen_text = generations.canonical(
+            manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
+        )
+        gen_id, gnew = objects.put_bytes(gen_text)
+        objects.flush()
+        faults.point("commit.before-row")
+
+        with store.engine.begin() as conn:
+            prev = generations.latest(conn, profile.name)
+            if prev is not None and prev.gen_id == gen_id:
+                gen, created = prev, False
+            else:
+                gen = generations.add(
+                    conn, profile=profile.name, gen_id=gen_id, manifest=manifest_digest, kernel=kernel_digest,
+                    kernel_name=kernel_name, initrd=initrd_digest, initrd_name=initrd_name, append=profile.append,
+                    created=time.time(), message=message, user=_user(), host=socket.gethostname(),
+                    source=os.fspath(chroot), files=result["files"], size=result["bytes"],
+                    new_bytes=result["new_bytes"] + mnew + gnew,
+                    meta=metadata.collect(chroot, by_path, kernel_name),
+                )
+                created = True
+        faults.point("commit.after-row")
+        cache.save(scan_started)
+
+    return CommitResult(
+        generation=gen, created=created, entries=len(res_entries), skipped_mounts=report.skipped_mounts,
+        skipped_sockets=report.skipped_sockets, excluded=report.excluded, seconds=time.monotonic() - t0,
+        **result,
+    )
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+

@@ -1,0 +1,101 @@
+"""Durable-write primitives. Every file or link that another process may read is written here.
+
+The pattern is always the same: write a temp file in the target directory, fsync it, rename it over
+the target, fsync the directory. A reader sees the old content or the new one, never a mix, and after
+a power loss the rename is either there or not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import NoSpace
+
+TMP_PREFIX = ".imgstore-tmp-"
+
+StrPath = str | os.PathLike[str]
+
+
+def tmp_name(target: StrPath) -> Path:
+    target = Path(target)
+    return target.with_name(f"{TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"[:250])
+
+
+def fsync_dir(path: StrPath) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def no_space(path: StrPath, exc: OSError, needed: int | None = None) -> NoSpace:
+    need = f"; about {needed / 1e6:.1f} MB more are needed" if needed else ""
+    return NoSpace(
+        f"no space left on the filesystem of {os.fspath(path)}{need}",
+        "free space there (imgstore gc removes unneeded generations) and run the command again",
+    )
+
+
+@contextmanager
+def atomic_file(target: StrPath, mode: int = 0o644, sync_dir: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file; on success it replaces `target` atomically and durably."""
+    target = Path(target)
+    tmp = tmp_name(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(target, exc) from exc
+        raise
+    if sync_dir:
+        fsync_dir(target.parent)
+
+
+def write_atomic(target: StrPath, data: bytes, mode: int = 0o644, sync_dir: bool = True) -> None:
+    with atomic_file(target, mode, sync_dir) as f:
+        f.write(data)
+
+
+def replace_symlink(link: StrPath, target: str, sync_dir: bool = True) -> None:
+    """Point `link` at `target` by renaming a new symlink over it: the link never disappears."""
+    link = Path(link)
+    tmp = tmp_name(link)
+    os.symlink(target, tmp)
+    try:
+        os.rename(tmp, link)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(link.parent)
+
+
+def remove_stale_temps(directory: StrPath) -> int:
+    """Remove temp files an interrupted command left in `directory`; return how many."""
+    n = 0
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                if e.name.startswith(TMP_PREFIX) and not e.is_dir(follow_symlinks=False):
+                    os.unlink(e.path)
+                    n += 1
+    except FileNotFoundError:
+        pass
+    return n

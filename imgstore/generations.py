@@ -1,0 +1,173 @@
+"""Generations: numbered per profile (web@42), identified by the hash of their generation object.
+
+A generation object is the canonical text below, stored as an object; its BLAKE3 is the generation id,
+so the same manifest, kernel, initrd and boot parameters always give the same id.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+
+from .errors import NotFound, UsageError
+from .manifest import escape
+from .schema import generations
+
+GEN_HEADER = "imgstore-generation 1\n"
+
+
+@dataclass(frozen=True)
+class Generation:
+    pk: int
+    profile: str
+    number: int
+    gen_id: str
+    manifest: str
+    kernel: str | None
+    kernel_name: str | None
+    initrd: str | None
+    initrd_name: str | None
+    append: str
+    created: float
+    message: str
+    user: str
+    host: str
+    source: str
+    files: int
+    size: int
+    new_bytes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.profile}@{self.number}"
+
+    @property
+    def short(self) -> str:
+        return self.gen_id[:12]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("pk")
+        d["ref"] = self.ref
+        return d
+
+
+def canonical(manifest: str, kernel: str | None, kernel_name: str | None, initrd: str | None,
+              initrd_name: str | None, append: str) -> bytes:
+    def v(x: str | None) -> str:
+        return "-" if x is None else escape(x.encode("utf-8", "surrogateescape")).decode()
+
+    return (
+        f"{GEN_HEADER}manifest {manifest}\nkernel {v(kernel)}\nkernel-name {v(kernel_name)}\n"
+        f"initrd {v(initrd)}\ninitrd-name {v(initrd_name)}\nappend {v(append)}\n"
+    ).encode()
+
+
+def _row(r: Any) -> Generation:
+    m = r._mapping
+    return Generation(
+        pk=m["id"], profile=m["profile"], number=m["number"], gen_id=m["gen_id"], manifest=m["manifest"],
+        kernel=m["kernel"], kernel_name=m["kernel_name"], initrd=m["initrd"], initrd_name=m["initrd_name"],
+        append=m["append"], created=m["created"], message=m["message"], user=m["user"], host=m["host"],
+        source=m["source"], files=m["files"], size=m["size"], new_bytes=m["new_bytes"],
+        meta=json.loads(m["meta"] or "{}"),
+    )
+
+
+def list_(conn: Connection, profile: str | None = None) -> list[Generation]:
+    q = select(generations).order_by(generations.c.profile, generations.c.number)
+    if profile is not None:
+        q = q.where(generations.c.profile == profile)
+    return [_row(r) for r in conn.execute(q)]
+
+
+def by_pk(conn: Connection, pk: int) -> Generation:
+    r = conn.execute(select(generations).where(generations.c.id == pk)).first()
+    if r is None:
+        raise NotFound(f"generation row {pk} does not exist", "run: imgstore generations")
+    return _row(r)
+
+
+def latest(conn: Connection, profile: str) -> Generation | None:
+    r = conn.execute(
+        select(generations).where(generations.c.profile == profile).order_by(generations.c.number.desc()).limit(1)
+    ).first()
+    return _row(r) if r else None
+
+
+def add(conn: Connection, **values: Any) -> Generation:
+    profile = values["profile"]
+    number = (conn.execute(
+        select(func.max(generations.c.number)).where(generations.c.profile == profile)
+    ).scalar() or 0) + 1
+    values["meta"] = json.dumps(values.get("meta") or {}, sort_keys=True)
+    pk = conn.execute(insert(generations).values(number=number, **values)).inserted_primary_key
+    assert pk is not None
+    return by_pk(conn, pk[0])
+
+
+REF_RE = re.compile(r"^(?:(?P<profile>[a-z][a-z0-9_-]*)@)?(?P<sel>latest|-\d+|\d+)$")
+
+
+def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generation:
+    """`42` (with a profile), `web@42`, `web@latest`, `web@-1`, or a unique prefix of a generation id."""
+    ref = ref.strip()
+    m = REF_RE.match(ref)
+    if m:
+        prof = m.group("profile") or profile
+        sel = m.group("sel")
+        if prof is None:
+            profiles = sorted({r[0] for r in conn.execute(select(generations.c.profile).distinct())})
+            if len(profiles) == 1:
+                prof = profiles[0]
+            else:
+                raise UsageError(
+                    f"generation {ref!r} needs a profile", f"write it as PROFILE@{sel} or pass --profile"
+                )
+        gens = list_(conn, prof)
+        if gens:
+            if sel == "latest":
+                return gens[-1]
+            if sel.startswith("-"):
+                back = int(sel[1:])
+                if back < len(gens):
+                    return gens[-1 - back]
+            else:
+                for g in gens:
+                    if g.number == int(sel):
+                        return g
+        raise not_found(conn, f"{prof}@{sel}", prof)
+    if re.fullmatch(r"[0-9a-f]{4,64}", ref):
+        rows = [_row(r) for r in conn.execute(select(generations).where(generations.c.gen_id.startswith(ref)))]
+        if len({g.gen_id for g in rows}) == 1 and (len(rows) == 1 or profile):
+            matching = [g for g in rows if profile is None or g.profile == profile]
+            if matching:
+                return matching[-1]
+        if len(rows) > 1:
+            raise UsageError(
+                f"generation id prefix {ref!r} is ambiguous: {', '.join(g.ref for g in rows[:5])}",
+                "give more characters of the id, or PROFILE@NUMBER",
+            )
+    raise not_found(conn, ref, profile)
+
+
+def not_found(conn: Connection, ref: str, profile: str | None) -> NotFound:
+    gens = list_(conn, profile) or list_(conn)
+    candidates = [g.ref for g in gens] + [g.gen_id[:12] for g in gens]
+    close = difflib.get_close_matches(ref, candidates, 3, 0.4)
+    if not close and gens:
+        close = [g.ref for g in gens[-3:]]
+    hint = "run: imgstore generations"
+    return NotFound(
+        f"no generation {ref!r}" + (f"; closest: {', '.join(close)}" if close else "; the store has none yet"), hint
+    )
+
+
+def users_of(conn: Connection) -> list[Generation]:
+    return list_(conn)

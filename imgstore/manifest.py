@@ -1,0 +1,160 @@
+"""Tree manifests: the exact description of a rootfs, one entry per file system object.
+
+A manifest is a text file, one entry per line, fields separated by TAB, stored as a zstd-compressed
+content-addressed object. docs/format.md specifies it; decode() refuses anything that could make a
+checkout write outside its destination ('..', absolute paths, empty components, a parent that is not
+a directory).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import IntegrityError
+
+HEADER = b"imgstore-manifest 1\n"
+
+# Entry types. A hardlink entry ('h') points at the first path of the same inode, which is always
+# an earlier entry of type 'f'.
+FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "f", "d", "l", "h", "c", "b", "p"
+TYPES = frozenset((FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO))
+
+_UNSAFE = re.compile(rb"[^\x21-\x24\x26-\x2b\x2d-\x3c\x3e-\x7e]")  # escapes %, ',', '=', space, controls, 8-bit
+_ESCAPED = re.compile(rb"%([0-9A-F]{2})")
+
+
+def escape(raw: bytes) -> bytes:
+    return _UNSAFE.sub(lambda m: b"%%%02X" % m.group(0)[0], raw)
+
+
+def unescape(text: bytes) -> bytes:
+    return _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), text)
+
+
+@dataclass(slots=True)
+class Entry:
+    path: bytes  # relative to the tree root, b"." for the root itself
+    type: str
+    mode: int  # permission bits incl. setuid/setgid/sticky (07777)
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    digest: str = ""  # BLAKE3 hex of the content, files only
+    target: bytes = b""  # symlink target (verbatim) or first path of a hardlink
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: tuple[tuple[bytes, bytes], ...] = field(default_factory=tuple)
+    sparse: bool = False
+
+    def meta_key(self) -> tuple[object, ...]:
+        return (self.type, self.mode, self.uid, self.gid, self.xattrs, self.target, self.rdev)
+
+    def encode(self) -> bytes:
+        t = self.type
+        if t == FILE:
+            data = self.digest.encode() + (b",sparse" if self.sparse else b"")
+        elif t in (SYMLINK, HARDLINK):
+            data = escape(self.target)
+        elif t in (CHAR, BLOCK):
+            data = b"%d,%d" % self.rdev
+        else:
+            data = b"-"
+        xa = b",".join(escape(k) + b"=" + v.hex().encode() for k, v in self.xattrs) or b"-"
+        return b"%s\t%s\t%o\t%d\t%d\t%d\t%d\t%s\t%s\n" % (
+            escape(self.path), t.encode(), self.mode, self.uid, self.gid, self.mtime_ns, self.size, data, xa,
+        )
+
+
+def sort_key(path: bytes) -> list[bytes]:
+    """Manifest order: depth-first, siblings sorted by name bytes (the root b'.' first)."""
+    return [] if path == b"." else path.split(b"/")
+
+
+def encode(entries: Iterable[Entry]) -> Iterator[bytes]:
+    yield HEADER
+    for e in entries:
+        yield e.encode()
+
+
+def check_path(path: bytes) -> None:
+    if path == b".":
+        return
+    if not path or path.startswith(b"/") or b"\0" in path:
+        raise IntegrityError(f"manifest entry {path!r} is not a safe relative path", "the manifest is hostile or damaged")
+    for part in path.split(b"/"):
+        if part in (b"", b".", b".."):
+            raise IntegrityError(
+                f"manifest entry {path!r} has a '{part.decode()}' component", "the manifest is hostile or damaged"
+            )
+
+
+def decode(data: bytes, what: str = "manifest") -> list[Entry]:
+    """Parse and validate a whole manifest."""
+    if not data.startswith(HEADER):
+        raise IntegrityError(f"{what} is not an imgstore manifest of a known version", "run: imgstore verify")
+    entries: list[Entry] = []
+    kinds: dict[bytes, str] = {}
+    for lineno, line in enumerate(data[len(HEADER):].split(b"\n"), start=2):
+        if not line:
+            continue
+        try:
+            e = _decode_line(line)
+        except (ValueError, IndexError) as exc:
+            raise IntegrityError(f"{what} line {lineno} is malformed ({exc})", "run: imgstore verify") from None
+        check_path(e.path)
+        if e.path in kinds:
+            raise IntegrityError(f"{what} lists {e.path!r} twice", "the manifest is hostile or damaged")
+        if e.path != b".":
+            parent = e.path.rpartition(b"/")[0] or b"."
+            if kinds.get(parent) != DIR:
+                raise IntegrityError(
+                    f"{what}: the parent of {e.path!r} is not an earlier directory entry",
+                    "the manifest is hostile or damaged",
+                )
+        elif e.type != DIR:
+            raise IntegrityError(f"{what}: the root entry is not a directory", "the manifest is hostile or damaged")
+        if e.type == HARDLINK:
+            check_path(e.target)
+            if kinds.get(e.target) != FILE:
+                raise IntegrityError(
+                    f"{what}: hardlink {e.path!r} points at {e.target!r}, which is not an earlier file",
+                    "the manifest is hostile or damaged",
+                )
+        kinds[e.path] = e.type
+        entries.append(e)
+    if not entries or entries[0].path != b".":
+        raise IntegrityError(f"{what} has no root entry", "the manifest is hostile or damaged")
+    return entries
+
+
+def _decode_line(line: bytes) -> Entry:
+    path_s, t_s, mode_s, uid_s, gid_s, mtime_s, size_s, data, xa = line.split(b"\t")
+    t = t_s.decode()
+    if t not in TYPES:
+        raise ValueError(f"unknown type {t!r}")
+    e = Entry(
+        path=unescape(path_s), type=t, mode=int(mode_s, 8), uid=int(uid_s), gid=int(gid_s),
+        mtime_ns=int(mtime_s), size=int(size_s),
+    )
+    if e.mode & ~0o7777 or e.uid < 0 or e.gid < 0 or e.size < 0:
+        raise ValueError("mode, owner or size out of range")
+    if t == FILE:
+        digest, _, flag = data.partition(b",")
+        e.digest = digest.decode()
+        if len(e.digest) != 64 or not all(c in "0123456789abcdef" for c in e.digest):
+            raise ValueError("bad content hash")
+        e.sparse = flag == b"sparse"
+    elif t in (SYMLINK, HARDLINK):
+        e.target = unescape(data)
+    elif t in (CHAR, BLOCK):
+        major, minor = data.split(b",")
+        e.rdev = (int(major), int(minor))
+    if xa != b"-":
+        pairs = []
+        for item in xa.split(b","):
+            k, v = item.split(b"=")
+            pairs.append((unescape(k), bytes.fromhex(v.decode())))
+        e.xattrs = tuple(pairs)
+    return e

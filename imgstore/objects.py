@@ -1,0 +1,360 @@
+"""Content-addressed object storage: every file's content once, named by its BLAKE3 hash, zstd-compressed.
+
+Two forms, one namespace:
+- loose objects, objects/<2 hex>/<64 hex>: one zstd stream each, for contents of LOOSE_MIN bytes or more;
+- packs, packs/<64 hex>.pack: many small objects, one zstd frame each, with an index at the end.
+  More than half of a rootfs's files are under 4 KB; one loose file each would pay a filesystem block
+  apiece. A pack is named by the BLAKE3 of its bytes, so it verifies itself.
+
+Writers make everything durable before returning from flush(): loose objects are renamed into place
+after an fsync, a pack is written to a temp file, fsynced and renamed, and the directories are fsynced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from .durable import TMP_PREFIX, fsync_dir, no_space, tmp_name
+from .errors import IntegrityError
+
+LOOSE_MIN = 1 << 20  # contents this size or larger get their own file
+PACK_MAX = 256 << 20
+CHUNK = 1 << 20
+LEVEL = 3
+
+PACK_MAGIC = b"IMGPACK1"
+INDEX_MAGIC = b"IMGPKIDX"
+_REC = struct.Struct("<32sQIQ")  # digest, offset, compressed length, size
+_TRAILER = struct.Struct("<QI8s")  # index offset, index length, magic
+
+_local = threading.local()
+
+
+def compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "c", None)
+    if c is None:
+        c = _local.c = zstandard.ZstdCompressor(level=LEVEL)
+    return c
+
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def hash_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class PackSlot:
+    pack: str
+    offset: int
+    clen: int
+    size: int
+
+
+class ObjectStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.loose_dir = root / "objects"
+        self.pack_dir = root / "packs"
+        self._index: dict[bytes, PackSlot] | None = None
+        self._fds: dict[str, int] = {}
+        self._writer: PackWriter | None = None
+        self._dirty_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    # -- lookup -------------------------------------------------------------------------------
+    def loose_path(self, digest: str) -> Path:
+        return self.loose_dir / digest[:2] / digest
+
+    def pack_path(self, name: str) -> Path:
+        return self.pack_dir / f"{name}.pack"
+
+    @property
+    def index(self) -> dict[bytes, PackSlot]:
+        if self._index is None:
+            idx: dict[bytes, PackSlot] = {}
+            for name in self.pack_names():
+                try:
+                    for digest, slot in read_pack_index(self.pack_path(name), name):
+                        idx.setdefault(digest, slot)
+                except IntegrityError:
+                    continue  # verify reports the damaged pack; its objects count as missing
+            self._index = idx
+        return self._index
+
+    def pack_names(self) -> list[str]:
+        try:
+            return sorted(n[:-5] for n in os.listdir(self.pack_dir) if n.endswith(".pack") and len(n) == 69)
+        except FileNotFoundError:
+            return []
+
+    def loose_digests(self) -> Iterator[str]:
+        try:
+            subdirs = sorted(os.listdir(self.loose_dir))
+        except FileNotFoundError:
+            return
+        for sub in subdirs:
+            if len(sub) != 2:
+                continue
+            for name in sorted(os.listdir(self.loose_dir / sub)):
+                if len(name) == 64 and name.startswith(sub):
+                    yield name
+
+    def has(self, digest: str) -> bool:
+        if bytes.fromhex(digest) in self.index:
+            return True
+        w = self._writer
+        if w is not None and bytes.fromhex(digest) in w.pending:
+            return True
+        return os.path.exists(self.loose_path(digest))
+
+    # -- writing ------------------------------------------------------------------------------
+    def add_compressed(self, digest: str, size: int, blob: bytes) -> int:
+        """Queue a small object, already compressed, into the open pack. Returns bytes newly stored."""
+        with self._lock:
+            if self.has(digest):
+                return 0
+            if self._writer is None:
+                self._writer = PackWriter(self.pack_dir)
+            self._writer.add(bytes.fromhex(digest), size, blob)
+            if self._writer.offset >= PACK_MAX:
+                self._finish_pack()
+            return len(blob)
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        digest = hash_bytes(data)
+        if self.has(digest):
+            return digest, 0
+        if len(data) >= LOOSE_MIN:
+            import io
+
+            return self.put_stream(io.BytesIO(data))
+        return digest, self.add_compressed(digest, len(data), compressor().compress(data))
+
+    def put_stream(self, src: BinaryIO, on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
+        """Store a stream as a loose object (hash and compress in one pass). Returns (digest, new bytes)."""
+        self.loose_dir.mkdir(exist_ok=True)
+        tmp = tmp_name(self.loose_dir / "object")
+        h = blake3.blake3(max_threads=1)
+        try:
+            with open(tmp, "xb") as out:
+                writer = compressor().stream_writer(out, closefd=False)
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    writer.write(chunk)
+                    if on_chunk:
+                        on_chunk(len(chunk))
+                writer.flush(zstandard.FLUSH_FRAME)
+                out.flush()
+                stored = out.tell()
+                digest = h.hexdigest()
+                if self.has(digest):
+                    os.unlink(tmp)
+                    return digest, 0
+                os.fchmod(out.fileno(), 0o444)
+                os.fsync(out.fileno())
+            target = self.loose_path(digest)
+            target.parent.mkdir(exist_ok=True)
+            os.rename(tmp, target)
+            self._dirty_dirs.add(target.parent)
+            return digest, stored
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space(self.loose_dir, exc) from exc
+            raise
+
+    def _finish_pack(self) -> None:
+        w, self._writer = self._writer, None
+        if w is None or not w.pending:
+            if w is not None:
+                w.abort()
+            return
+        name = w.finish()
+        idx = self.index
+        for digest, (offset, clen, size) in w.pending.items():
+            idx.setdefault(digest, PackSlot(name, offset, clen, size))
+
+    def flush(self) -> None:
+        """Make every object written so far durable. Call before writing anything that references them."""
+        with self._lock:
+            self._finish_pack()
+            for d in sorted(self._dirty_dirs):
+                fsync_dir(d)
+            if self._dirty_dirs:
+                fsync_dir(self.loose_dir)
+            self._dirty_dirs.clear()
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+
+    # -- reading ------------------------------------------------------------------------------
+    def _fd(self, pack: str) -> int:
+        fd = self._fds.get(pack)
+        if fd is None:
+            fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read_chunks(self, digest: str, verify: bool = True) -> Iterator[bytes]:
+        """Yield the object's content; raise IntegrityError if it is missing or does not hash right."""
+        slot = self.index.get(bytes.fromhex(digest))
+        h = blake3.blake3() if verify else None
+        if slot is not None:
+            blob = os.pread(self._fd(slot.pack), slot.clen, slot.offset)
+            try:
+                data = decompressor().decompress(blob, max_output_size=slot.size)
+            except zstandard.ZstdError as exc:
+                raise damaged(digest, f"cannot be decompressed ({exc})") from None
+            if h is not None:
+                h.update(data)
+            if len(data) != slot.size:
+                raise damaged(digest, "has the wrong size")
+            chunks: Iterator[bytes] = iter((data,))
+        else:
+            chunks = self._read_loose(digest, h)
+        yield from chunks
+        if h is not None and h.hexdigest() != digest:
+            raise damaged(digest, "does not match its hash")
+
+    def _read_loose(self, digest: str, h: blake3.blake3 | None) -> Iterator[bytes]:
+        try:
+            f = open(self.loose_path(digest), "rb")
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"object {digest[:16]} is missing", "run: imgstore verify (it lists the generations that need it)"
+            ) from None
+        with f:
+            try:
+                reader = decompressor().stream_reader(f, read_across_frames=True)
+                while chunk := reader.read(CHUNK):
+                    if h is not None:
+                        h.update(chunk)
+                    yield chunk
+            except zstandard.ZstdError as exc:
+                raise damaged(digest, f"cannot be decompressed ({exc})") from None
+
+    def read(self, digest: str) -> bytes:
+        return b"".join(self.read_chunks(digest))
+
+    def location(self, digest: str) -> str:
+        slot = self.index.get(bytes.fromhex(digest))
+        if slot is not None:
+            return f"packs/{slot.pack}.pack"
+        return os.fspath(self.loose_path(digest).relative_to(self.root))
+
+
+def damaged(digest: str, why: str) -> IntegrityError:
+    return IntegrityError(
+        f"object {digest[:16]} {why}", "run: imgstore verify (it lists the generations that need it)"
+    )
+
+
+class PackWriter:
+    """Appends compressed objects to a temp pack; finish() makes it durable under its own hash."""
+
+    def __init__(self, pack_dir: Path) -> None:
+        pack_dir.mkdir(exist_ok=True)
+        self.dir = pack_dir
+        self.tmp = tmp_name(pack_dir / "pack")
+        self.f = open(self.tmp, "xb")
+        self.hash = blake3.blake3()
+        self.pending: dict[bytes, tuple[int, int, int]] = {}
+        self.offset = 0
+        self._write(PACK_MAGIC)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.abort()
+                raise no_space(self.dir, exc) from exc
+            raise
+        self.hash.update(data)
+        self.offset += len(data)
+
+    def add(self, digest: bytes, size: int, blob: bytes) -> None:
+        self.pending[digest] = (self.offset, len(blob), size)
+        self._write(blob)
+
+    def finish(self) -> str:
+        records = b"".join(_REC.pack(d, o, c, s) for d, (o, c, s) in sorted(self.pending.items()))
+        index = compressor().compress(records)
+        index_offset = self.offset
+        self._write(index)
+        self._write(_TRAILER.pack(index_offset, len(index), INDEX_MAGIC))
+        try:
+            self.f.flush()
+            os.fchmod(self.f.fileno(), 0o444)
+            os.fsync(self.f.fileno())
+        except OSError as exc:
+            self.abort()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space(self.dir, exc) from exc
+            raise
+        self.f.close()
+        name = self.hash.hexdigest()
+        os.rename(self.tmp, self.dir / f"{name}.pack")
+        fsync_dir(self.dir)
+        return name
+
+    def abort(self) -> None:
+        self.f.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def read_pack_index(path: Path, name: str) -> Iterator[tuple[bytes, PackSlot]]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end < len(PACK_MAGIC) + _TRAILER.size:
+                raise IntegrityError(f"pack {name[:16]} is truncated", "run: imgstore verify")
+            f.seek(end - _TRAILER.size)
+            index_offset, index_len, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+            if magic != INDEX_MAGIC or index_offset + index_len + _TRAILER.size != end:
+                raise IntegrityError(f"pack {name[:16]} has a damaged trailer", "run: imgstore verify")
+            f.seek(index_offset)
+            records = decompressor().decompress(f.read(index_len), max_output_size=index_len * 64 + (1 << 20))
+    except zstandard.ZstdError:
+        raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify") from None
+    if len(records) % _REC.size:
+        raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+    for i in range(0, len(records), _REC.size):
+        digest, offset, clen, size = _REC.unpack_from(records, i)
+        if offset + clen > index_offset:
+            raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+        yield digest, PackSlot(name, offset, clen, size)
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(TMP_PREFIX)

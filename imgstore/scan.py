@@ -1,0 +1,200 @@
+"""Walk a chroot into manifest entries, exactly and without ever following a symlink.
+
+The walk stays on the chroot's filesystem: /proc, /sys, /dev/pts and other mounts left behind by
+`chroot ... apt-get` are skipped and reported. Sockets are skipped with a warning (they cannot be
+recreated meaningfully). Siblings are visited in name-byte order, so the output is in manifest order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .errors import NotFound, UsageError
+from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "/var/cache/apt/archives/*.deb",
+    "/var/cache/apt/archives/partial/*",
+    "/var/cache/apt/*.bin",
+    "/var/lib/apt/lists/*",
+    "/var/cache/debconf/*-old",
+    "/tmp/*",
+    "/var/tmp/*",
+    "/proc/*",
+    "/sys/*",
+    "/dev/pts/*",
+    "/root/.bash_history",
+)
+
+
+def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
+    """Glob patterns anchored at the chroot root: '*' and '?' stay inside one name, '**' crosses '/'."""
+    parts = []
+    for pat in patterns:
+        if not pat.startswith("/"):
+            raise UsageError(f"exclude pattern {pat!r} must start with '/'", "anchor it at the chroot root, e.g. /tmp/*")
+        rx = ""
+        i = 0
+        while i < len(pat):
+            if pat.startswith("**", i):
+                rx += ".*"
+                i += 2
+            elif pat[i] == "*":
+                rx += "[^/]*"
+                i += 1
+            elif pat[i] == "?":
+                rx += "[^/]"
+                i += 1
+            else:
+                rx += re.escape(pat[i])
+                i += 1
+        parts.append(rx.rstrip("/"))
+    if not parts:
+        return None
+    return re.compile(("(?:" + "|".join(parts) + ")").encode("utf-8", "surrogateescape"), re.DOTALL)
+
+
+@dataclass(slots=True)
+class Found:
+    """An entry plus what commit needs to read it and to trust the stat cache."""
+
+    entry: Entry
+    abspath: bytes
+    ino: int = 0
+    ctime_ns: int = 0
+
+
+@dataclass
+class ScanReport:
+    skipped_mounts: list[str]
+    skipped_sockets: list[str]
+    excluded: int = 0
+
+
+def read_xattrs(path: bytes, follow: bool = False) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    if not names:
+        return ()
+    out = []
+    for name in sorted(names):
+        try:
+            out.append((name.encode("utf-8", "surrogateescape"), os.getxattr(path, name, follow_symlinks=follow)))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed between list and get
+                raise
+    return tuple(out)
+
+
+def entry_from_stat(rel: bytes, abspath: bytes, st: os.stat_result) -> Entry | None:
+    m = st.st_mode
+    e = Entry(
+        path=rel, type="", mode=stat.S_IMODE(m), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+    )
+    if stat.S_ISREG(m):
+        e.type, e.size = FILE, st.st_size
+        e.sparse = st.st_size > 0 and st.st_blocks * 512 < st.st_size
+    elif stat.S_ISDIR(m):
+        e.type = DIR
+    elif stat.S_ISLNK(m):
+        e.type = SYMLINK
+        e.target = os.readlink(abspath)
+        e.size = len(e.target)
+    elif stat.S_ISCHR(m):
+        e.type, e.rdev = CHAR, (os.major(st.st_rdev), os.minor(st.st_rdev))
+    elif stat.S_ISBLK(m):
+        e.type, e.rdev = BLOCK, (os.major(st.st_rdev), os.minor(st.st_rdev))
+    elif stat.S_ISFIFO(m):
+        e.type = FIFO
+    else:
+        return None  # socket (or something stranger)
+    e.xattrs = read_xattrs(abspath)
+    return e
+
+
+def scan(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = DEFAULT_EXCLUDES,
+    on_dir: Callable[[bytes], None] | None = None,
+) -> tuple[Iterator[Found], ScanReport]:
+    """Return an iterator over the tree's entries in manifest order, and the report it fills."""
+    root_b = os.fsencode(root)
+    try:
+        st = os.lstat(root_b)
+    except FileNotFoundError:
+        raise NotFound(f"chroot {os.fsdecode(root_b)} does not exist", "give the path of the chroot directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{os.fsdecode(root_b)} is not a directory", "give the path of the chroot directory")
+    exclude_rx = compile_excludes(excludes)
+    report = ScanReport([], [])
+    return _walk(root_b, st, exclude_rx, report, on_dir), report
+
+
+def _list(absdir: bytes) -> list[bytes]:
+    try:
+        with os.scandir(absdir) as it:
+            return sorted(e.name for e in it)
+    except FileNotFoundError:
+        return []  # removed while we walk
+    except OSError as exc:
+        raise UsageError(f"cannot read directory {os.fsdecode(absdir)}: {exc.strerror}", "check permissions") from None
+
+
+def _walk(
+    root: bytes,
+    root_st: os.stat_result,
+    exclude_rx: re.Pattern[bytes] | None,
+    report: ScanReport,
+    on_dir: Callable[[bytes], None] | None,
+) -> Iterator[Found]:
+    # An explicit stack, not recursion: paths may be 4,000 bytes deep.
+    dev = root_st.st_dev
+    links: dict[int, bytes] = {}
+    top = entry_from_stat(b".", root, root_st)
+    assert top is not None
+    yield Found(top, root, root_st.st_ino, root_st.st_ctime_ns)
+    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = [(root, b"", iter(_list(root)))]
+    while stack:
+        absdir, reldir, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        rel = reldir + name
+        abspath = absdir + b"/" + name
+        if exclude_rx is not None and exclude_rx.fullmatch(b"/" + rel):
+            report.excluded += 1
+            continue
+        try:
+            st = os.lstat(abspath)
+        except FileNotFoundError:
+            continue  # removed while we walk: it is simply not in this generation
+        if st.st_dev != dev:
+            report.skipped_mounts.append("/" + os.fsdecode(rel))
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            first = links.get(st.st_ino)
+            if first is not None:
+                e = Entry(path=rel, type=HARDLINK, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                          gid=st.st_gid, mtime_ns=st.st_mtime_ns, target=first)
+                yield Found(e, abspath, st.st_ino, st.st_ctime_ns)
+                continue
+            links[st.st_ino] = rel
+        entry = entry_from_stat(rel, abspath, st)
+        if entry is None:
+            report.skipped_sockets.append("/" + os.fsdecode(rel))
+            continue
+        yield Found(entry, abspath, st.st_ino, st.st_ctime_ns)
+        if entry.type == DIR:
+            if on_dir:
+                on_dir(rel)
+            stack.append((abspath, rel + b"/", iter(_list(abspath))))

@@ -1,0 +1,62 @@
+"""The stat cache: what commit read last time, so an unchanged file is not read again.
+
+In the spirit of git's index. An entry is trusted only if inode, size, mtime and ctime all match and the
+file's ctime is older than the start of the scan that read it: a file changed during or right after that
+scan (timestamps are coarser than writes) is read again.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+from pathlib import Path
+
+from .durable import write_atomic
+
+MAGIC = b"imgstore-statcache 1\n"
+MARGIN_NS = 2_000_000_000
+
+Row = tuple[int, int, int, int, str]  # ino, size, mtime_ns, ctime_ns, digest
+
+
+class StatCache:
+    def __init__(self, path: Path, root: str, trusted_before_ns: int, rows: dict[bytes, Row]) -> None:
+        self.path = path
+        self.root = root
+        self.trusted_before_ns = trusted_before_ns
+        self.rows = rows
+        self.new: dict[bytes, Row] = {}
+
+    @classmethod
+    def load(cls, path: Path, root: str) -> StatCache:
+        try:
+            data = path.read_bytes()
+            if data.startswith(MAGIC):
+                saved_root, started, rows = marshal.loads(data[len(MAGIC):])
+                if saved_root == root and isinstance(rows, dict):
+                    return cls(path, root, started - MARGIN_NS, rows)
+        except (OSError, ValueError, EOFError, TypeError):
+            pass  # a missing or unreadable cache only costs a full read
+        return cls(path, root, 0, {})
+
+    def lookup(self, rel: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> str | None:
+        row = self.rows.get(rel)
+        if row is None or ctime_ns >= self.trusted_before_ns:
+            return None
+        if row[0] == ino and row[1] == size and row[2] == mtime_ns and row[3] == ctime_ns:
+            return row[4]
+        return None
+
+    def record(self, rel: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: str) -> None:
+        self.new[rel] = (ino, size, mtime_ns, ctime_ns, digest)
+
+    def save(self, scan_started_ns: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, MAGIC + marshal.dumps((self.root, scan_started_ns, self.new)), 0o600)
+
+
+def cache_path(store_root: Path, profile: str, chroot: str) -> Path:
+    import blake3
+
+    key = blake3.blake3(os.fsencode(chroot)).hexdigest()[:16]
+    return store_root / "cache" / f"stat-{profile}-{key}"
