@@ -70,7 +70,7 @@ class _Reader:
     def __init__(self, store: Store) -> None:
         self.objects = store.objects
 
-    def __call__(self, found: Found) -> tuple[str, bytes | None, int]:
+    def __call__(self, found: Found) -> tuple[str, bytes | None, int, int]:
         e = found.entry
         for _attempt in range(RETRIES):
             try:
@@ -94,14 +94,14 @@ class _Reader:
                         continue
                     digest = blake3.blake3(data).hexdigest()
                     blob = None if self.objects.has(digest) else compressor().compress(data)
-                    result: tuple[str, bytes | None, int] = (digest, blob, len(data))
+                    result: tuple[str, bytes | None, int, int] = (digest, blob, len(data), 0)
                 else:
                     with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                        digest, _new = self.objects.put_stream(f)  # type: ignore[arg-type]
+                        digest, new = self.objects.put_stream(f)  # type: ignore[arg-type]
                     after = os.fstat(fd)
                     if not _same(before, after):
                         continue
-                    result = (digest, None, before.st_size)
+                    result = (digest, None, before.st_size, new)
             finally:
                 os.close(fd)
             # The manifest must describe what we read, even if the file changed after the walk.
@@ -157,16 +157,19 @@ def commit(
         _ = objects.index  # load the pack index before the worker threads look at it
         res_entries: list[Entry] = []
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
-        pending: deque[tuple[Found, Future[tuple[str, bytes | None, int]]]] = deque()
+        pending: deque[tuple[Found, Future[tuple[str, bytes | None, int, int]]]] = deque()
         reader = _Reader(store)
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 found, fut = pending.popleft()
-                digest, blob, nread = fut.result()
+                digest, blob, nread, loose_new = fut.result()
                 found.entry.digest = digest
                 result["read_files"] += 1
                 result["read_bytes"] += nread
+                if loose_new:
+                    result["new_objects"] += 1
+                    result["new_bytes"] += loose_new
                 if blob is not None:
                     added = objects.add_compressed(digest, nread, blob)
                     if added:

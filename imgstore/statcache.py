@@ -14,7 +14,7 @@ from pathlib import Path
 from .durable import write_atomic
 
 MAGIC = b"imgstore-statcache 1\n"
-MARGIN_NS = 2_000_000_000
+MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
 Row = tuple[int, int, int, int, str]  # ino, size, mtime_ns, ctime_ns, digest
 
