@@ -417,7 +417,9 @@ def profile_show(name: Annotated[str, typer.Argument(help="Profile name.")], jso
 def run() -> None:
     """Run the app, turning library errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except ImgstoreError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
