@@ -50,7 +50,9 @@ def read_file(store: Store, gen: Generation, path: str) -> Iterator[bytes]:
     if e.type == HARDLINK:
         e = next(x for x in es if x.path == e.target)
     if e.type != FILE:
-        raise UsageError(f"{path} in {gen.ref} is not a regular file (type {e.type})", f"run: imgstore ls {gen.ref} {path}")
+        raise UsageError(
+            f"{path} in {gen.ref} is not a regular file (type {e.type})", f"run: imgstore ls {gen.ref} {path}"
+        )
     return store.objects.read_chunks(e.digest)
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -53,10 +53,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     root: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--root", "-R", envvar="IMGSTORE_ROOT", help="The store folder [default: /var/lib/imgstore]."),
     ] = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     state.root = root
 
@@ -131,7 +133,7 @@ def progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
 @app.command()
 def init(
     database: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="SQLAlchemy URL of the database, e.g. postgresql+psycopg://imgstore@db/imgstore "
                      "[default: SQLite in the store]"),
     ] = None,
@@ -164,11 +166,11 @@ content once, and records kernel and initrd from the chroot's /boot. An unchange
 Example: imgstore commit /srv/chroots/web --profile web -m "php security update"
 """)
 def commit(
-    chroot: Annotated[Optional[Path], typer.Argument(help="The chroot [default: the profile's commit.chroot].")] = None,
+    chroot: Annotated[Path | None, typer.Argument(help="The chroot [default: the profile's commit.chroot].")] = None,
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name (profiles/NAME.toml).")] = "web",
     message: Annotated[str, typer.Option("--message", "-m", help="What changed.")] = "",
-    kernel: Annotated[Optional[Path], typer.Option(help="Kernel image to use instead of the chroot's.")] = None,
-    initrd: Annotated[Optional[Path], typer.Option(help="Initrd to use instead of the chroot's.")] = None,
+    kernel: Annotated[Path | None, typer.Option(help="Kernel image to use instead of the chroot's.")] = None,
+    initrd: Annotated[Path | None, typer.Option(help="Initrd to use instead of the chroot's.")] = None,
     no_kernel: Annotated[bool, typer.Option("--no-kernel", help="Commit without kernel and initrd.")] = False,
     no_wait: NoWait = False,
     json_out: JsonOpt = False,
@@ -204,7 +206,7 @@ def commit(
 
 @app.command("generations")
 def generations_cmd(
-    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Only this profile.")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Only this profile.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List generations: number, id, date, message, files, size, bytes newly stored.
@@ -246,7 +248,7 @@ def resolve(ref: str, profile: str | None = None) -> tuple[Any, Any]:
 @app.command()
 def show(
     ref: Annotated[str, typer.Argument(help="Generation: 42, web@42, web@latest, web@-1 or an id prefix.")],
-    profile: Annotated[Optional[str], typer.Option("--profile", "-p")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", "-p")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Everything known about one generation.
@@ -294,7 +296,8 @@ def ls(
              "b": st.S_IFBLK, "p": st.S_IFIFO}
     for e in items:
         name = os.fsdecode(e.path).rsplit("/", 1)[-1]
-        extra = f" -> {os.fsdecode(e.target)}" if e.type == "l" else f" => {os.fsdecode(e.target)}" if e.type == "h" else ""
+        arrow = {"l": " -> ", "h": " => "}.get(e.type)
+        extra = f"{arrow}{os.fsdecode(e.target)}" if arrow else ""
         size = f"{e.rdev[0]},{e.rdev[1]}" if e.type in "cb" else str(e.size)
         print(f"{st.filemode(kinds[e.type] | e.mode)} {e.uid:>5} {e.gid:>5} {size:>10} "
               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.mtime_ns / 1e9))} {name!s}{extra}")
@@ -366,11 +369,12 @@ def verify(
     else:
         for p in rep.problems:
             users = f"; needed by {', '.join(p.generations)}" if p.generations else "; needed by no generation"
-            print(f"{p.kind}: {p.detail}{users if p.kind != 'temp' else ''}" + (f" [{p.what}]" if p.kind == "temp" else ""))
+            print(f"temp: {p.what} ({p.detail})" if p.kind == "temp" else f"{p.kind}: {p.detail}{users}")
         for r in rep.repaired:
             print(f"repaired: {r}")
+        bad = sum(p.kind != "temp" for p in rep.problems)
         print(f"checked {rep.objects:,} objects in {rep.packs} packs and loose files, {rep.generations} generations "
-              f"in {rep.seconds:.2f} s: " + ("OK" if rep.ok else f"{sum(p.kind != 'temp' for p in rep.problems)} problem(s)"))
+              f"in {rep.seconds:.2f} s: " + ("OK" if rep.ok else f"{bad} problem(s)"))
         if not rep.ok:
             print("next: imgstore verify --repair, then commit the chroot(s) again to re-store the lost content; "
                   "generations whose content is gone for good can be dropped with imgstore gc", file=sys.stderr)

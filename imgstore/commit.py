@@ -97,7 +97,7 @@ class _Reader:
                     result: tuple[str, bytes | None, int, int] = (digest, blob, len(data), 0)
                 else:
                     with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                        digest, new = self.objects.put_stream(f)  # type: ignore[arg-type]
+                        digest, new = self.objects.put_stream(f)
                     after = os.fstat(fd)
                     if not _same(before, after):
                         continue

@@ -82,7 +82,9 @@ def check_path(path: bytes) -> None:
     if path == b".":
         return
     if not path or path.startswith(b"/") or b"\0" in path:
-        raise IntegrityError(f"manifest entry {path!r} is not a safe relative path", "the manifest is hostile or damaged")
+        raise IntegrityError(
+            f"manifest entry {path!r} is not a safe relative path", "the manifest is hostile or damaged"
+        )
     for part in path.split(b"/"):
         if part in (b"", b".", b".."):
             raise IntegrityError(

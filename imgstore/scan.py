@@ -37,7 +37,9 @@ def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
     parts = []
     for pat in patterns:
         if not pat.startswith("/"):
-            raise UsageError(f"exclude pattern {pat!r} must start with '/'", "anchor it at the chroot root, e.g. /tmp/*")
+            raise UsageError(
+                f"exclude pattern {pat!r} must start with '/'", "anchor it at the chroot root, e.g. /tmp/*"
+            )
         rx = ""
         i = 0
         while i < len(pat):
@@ -131,7 +133,9 @@ def scan(
     try:
         st = os.lstat(root_b)
     except FileNotFoundError:
-        raise NotFound(f"chroot {os.fsdecode(root_b)} does not exist", "give the path of the chroot directory") from None
+        raise NotFound(
+            f"chroot {os.fsdecode(root_b)} does not exist", "give the path of the chroot directory"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)} is not a directory", "give the path of the chroot directory")
     exclude_rx = compile_excludes(excludes)

@@ -110,8 +110,8 @@ def verify(store: Store, repair: bool = False, progress: Callable[[int], None] |
                 bad_packs.append(name)
                 if not bad:
                     rep.problems.append(Problem("damaged", f"packs/{name}.pack", pack_problem))
-            for digest, why in bad:
-                damaged[digest] = why
+            for digest, problem in bad:
+                damaged[digest] = problem
         loose = list(objects.loose_digests())
         for digest, why in zip(loose, pool.map(lambda d: _check_object(objects, d), loose), strict=True):
             rep.objects += 1
@@ -136,14 +136,14 @@ def verify(store: Store, repair: bool = False, progress: Callable[[int], None] |
     for digest, gs in sorted(users.items()):
         refs = sorted({g.ref for g in gs})
         if digest in damaged:
-            rep.problems.append(Problem("damaged", digest, damaged.pop(digest), refs))
+            rep.problems.append(Problem("damaged", digest, damaged.pop(digest) or "", refs))
         elif not objects.has(digest):
             rep.problems.append(Problem("missing", digest, f"object {digest[:16]} is missing", refs))
     for digest, why in sorted(damaged.items()):  # damaged but needed by no generation
         rep.problems.append(Problem("damaged", digest, why, []))
     for sub in ("objects", "packs", ""):
-        d = store.root / sub
-        for name in os.listdir(d) if d.is_dir() else []:
+        folder = store.root / sub
+        for name in os.listdir(folder) if folder.is_dir() else []:
             if name.startswith(TMP_PREFIX):
                 rep.problems.append(Problem("temp", f"{sub}/{name}".lstrip("/"), "left by an interrupted command"))
 
@@ -159,38 +159,38 @@ def _repair(store: Store, rep: VerifyReport, bad_packs: list[str]) -> None:
     bad = {p.what for p in rep.problems if p.kind == "damaged"}
     for name in bad_packs:
         # Copy the good objects into a new pack, then retire the damaged one.
-        good = []
+        good: list[tuple[str, int, bytes]] = []
         try:
             slots = list(read_pack_index(objects.pack_path(name), name))
         except IntegrityError:
             slots = []
-        for digest, slot in slots:
-            if digest.hex() in bad:
+        for raw, slot in slots:
+            if raw.hex() in bad:
                 continue
             try:
-                data = objects.read(digest.hex())
+                data = objects.read(raw.hex())
             except IntegrityError:
                 continue
-            good.append((digest.hex(), slot.size, data))
+            good.append((raw.hex(), slot.size, data))
         quarantine.mkdir(exist_ok=True)
         objects.index.clear()
-        for digest, size, data in good:
-            objects.add_compressed(digest, size, compressor().compress(data))
+        for hexd, size, data in good:
+            objects.add_compressed(hexd, size, compressor().compress(data))
         objects.flush()  # the good objects are durable in a new pack before the old one goes
         os.rename(objects.pack_path(name), quarantine / f"{name}.pack")
         objects._index = None
         rep.repaired.append(f"pack {name[:16]}: kept {len(good)} good objects, moved the pack to quarantine/")
-    for digest in sorted(bad):
-        p = objects.loose_path(digest) if len(digest) == 64 else None
-        if p is not None and p.exists():
+    for hexd in sorted(bad):
+        loose = objects.loose_path(hexd) if len(hexd) == 64 else None
+        if loose is not None and loose.exists():
             quarantine.mkdir(exist_ok=True)
-            os.rename(p, quarantine / digest)
-            rep.repaired.append(f"object {digest[:16]}: moved to quarantine/")
-    for p in rep.problems:
-        if p.kind == "temp":
+            os.rename(loose, quarantine / hexd)
+            rep.repaired.append(f"object {hexd[:16]}: moved to quarantine/")
+    for prob in rep.problems:
+        if prob.kind == "temp":
             try:
-                os.unlink(store.root / p.what)
-                rep.repaired.append(f"removed {p.what}")
+                os.unlink(store.root / prob.what)
+                rep.repaired.append(f"removed {prob.what}")
             except FileNotFoundError:
                 pass
     shutil.rmtree(store.root / "cache", ignore_errors=True)
