@@ -59,10 +59,14 @@ def restore(
     entries: list[Entry],
     dest: Path,
     progress: Progress | None = None,
-    write_file: Callable[[int, bytes, Entry], None] | None = None,
     own: bool = True,
+    link_source: Callable[[Entry], Path] | None = None,
 ) -> CheckoutResult:
-    """Create every entry under `dest`, which must exist and be empty."""
+    """Create every entry under `dest`, which must exist and be empty.
+
+    With `link_source`, regular files become hardlinks to the path it returns (materialize's shared
+    copies) instead of new files.
+    """
     check_objects(objects, entries)
     root_fd = os.open(dest, DIR_FLAGS)
     dirfds: dict[bytes, int] = {b".": root_fd}
@@ -81,14 +85,15 @@ def restore(
                     dirfds[e.path] = os.open(name, DIR_FLAGS, dir_fd=pfd)
                     dir_entries.append(e)
                     continue
-                if e.type == FILE:
+                if e.type == FILE and link_source is not None:
+                    os.link(link_source(e), name, dst_dir_fd=pfd, follow_symlinks=False)
+                    nfiles += 1
+                    nbytes += e.size
+                elif e.type == FILE:
                     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o600, dir_fd=pfd)
                     try:
-                        if write_file is not None:
-                            write_file(fd, e.digest.encode(), e)
-                        else:
-                            _write_content(objects, fd, e)
+                        _write_content(objects, fd, e)
                         _apply_fd(fd, e, own)
                     finally:
                         os.close(fd)
@@ -133,8 +138,6 @@ def check_objects(objects: ObjectStore, entries: Iterable[Entry]) -> None:
 
 
 def _write_content(objects: ObjectStore, fd: int, e: Entry) -> None:
-    if e.size == 0:
-        return
     if not e.sparse:
         for chunk in objects.read_chunks(e.digest):
             view = memoryview(chunk)

@@ -420,6 +420,8 @@ def profile_show(name: Annotated[str, typer.Argument(help="Profile name.")], jso
 # ---------------------------------------------------------------------------------------------------
 def run() -> None:
     """Run the app, turning library errors into one line and an exit code."""
+    from . import cli_deploy  # noqa: F401  (registers the deploy and node commands)
+
     try:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:

@@ -1,0 +1,120 @@
+"""materialize: lay a generation out as a read-only tree that NFS can export, once, at its own path.
+
+    <store>/<gen id>-<profile>-rootfs/     the tree (never changed once renamed into place)
+    <store>/mat/<2 hex>/<key>              one uncompressed copy per content + owner + mode + xattrs + mtime
+
+Every regular file in a tree is a hardlink to its copy in mat/, so generations that share files share
+storage: ten generations differing by one package cost one tree's worth of data plus directories.
+The tree is built under a temp name and renamed into place, so a half-built tree is never visible; a
+temp tree left by a crash (or by an earlier boot of the server) is discarded, never reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import blake3
+
+from . import faults
+from .browse import entries as manifest_entries
+from .checkout import _apply_fd, _write_content, check_objects, restore
+from .durable import TMP_PREFIX, fsync_dir, no_space
+from .generations import Generation
+from .manifest import Entry
+from .store import Store
+
+MAT = "mat"
+
+
+def tree_path(store: Store, gen: Generation) -> Path:
+    return store.root / f"{gen.gen_id}-{gen.profile}-rootfs"
+
+
+def mat_key(e: Entry) -> str:
+    h = blake3.blake3(e.digest.encode())
+    h.update(b"%d %d %o %d %d" % (e.uid, e.gid, e.mode, e.mtime_ns, e.sparse))
+    for k, v in e.xattrs:
+        h.update(b"\0" + k + b"\0" + v)
+    return h.hexdigest()
+
+
+def mat_path(store: Store, key: str) -> Path:
+    return store.root / MAT / key[:2] / key
+
+
+def discard_stale(store: Store) -> list[str]:
+    """Remove temp trees and mat temp files; call with the store lock held (so nothing is writing them)."""
+    gone = []
+    for p in store.root.iterdir():
+        if p.name.startswith(TMP_PREFIX) and p.is_dir() and not p.is_symlink():
+            _rmtree(p)
+            gone.append(p.name)
+    mat = store.root / MAT
+    if mat.is_dir():
+        for sub in mat.iterdir():
+            for f in sub.iterdir() if sub.is_dir() else []:
+                if f.name.startswith(TMP_PREFIX):
+                    f.unlink()
+                    gone.append(f"{MAT}/{sub.name}/{f.name}")
+    return gone
+
+
+def _rmtree(p: Path) -> None:
+    # Trees are made read-only; give directories back their write bit so they can be removed.
+    for dirpath, dirnames, _ in os.walk(p):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    os.chmod(p, 0o700)
+    shutil.rmtree(p)
+
+
+def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
+    """Return (tree path, whether it was created now). Idempotent; the store lock must be held."""
+    final = tree_path(store, gen)
+    if final.is_dir():
+        return final, False
+    es = manifest_entries(store, gen)
+    check_objects(store.objects, es)
+    (store.root / MAT).mkdir(exist_ok=True)
+    staging = store.root / f"{TMP_PREFIX}{gen.gen_id[:16]}-{gen.profile}-rootfs"
+    if staging.exists():
+        _rmtree(staging)
+    os.mkdir(staging, 0o700)
+    dirty: set[Path] = set()
+    try:
+        restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: ensure_mat(store, e, dirty))
+        faults.point("materialize.before-sync")
+        for d in sorted(dirty):
+            fsync_dir(d)
+        os.sync()  # the whole tree, durably, before it becomes visible (cheaper than one fsync per file)
+        os.rename(staging, final)
+        fsync_dir(store.root)
+    except BaseException as exc:
+        _rmtree(staging)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(store.root, exc) from exc
+        raise
+    return final, True
+
+
+def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
+    """The shared read-only copy of this file's content with this metadata; created if missing."""
+    path = mat_path(store, mat_key(e))
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _write_content(store.objects, fd, e)
+        _apply_fd(fd, e, own=os.geteuid() == 0)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dirty.add(path.parent)
+    return path

@@ -1,0 +1,106 @@
+"""The PXELINUX boot target: config files, the per-generation kernel/initrd folder, the bootloader files.
+
+Another boot target (iPXE, GRUB) would be a sibling module with the same four functions; deploy.py
+only calls these.
+
+Everything here lives inside the TFTP root and is world-readable: tftpd-hpa --secure chroots into the
+root and drops to nobody, so it can follow neither symlinks that leave the root nor 0600 files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .durable import TMP_PREFIX, fsync_dir
+from .generations import Generation
+from .mac import MacAddress
+from .profiles import Profile
+
+MARK = "# imgstore:"  # first line of every config imgstore writes; status uses it to spot strays
+CFG_DIR = "pxelinux.cfg"
+BOOTLOADER = ("pxelinux.0", "ldlinux.c32", "reboot.c32", "libcom32.c32")
+MODULE_DIRS = (Path("/usr/lib/syslinux/modules/bios"), Path("/usr/lib/PXELINUX"))
+
+
+def gen_dir(profile: Profile, gen: Generation) -> str:
+    """The generation's folder, relative to the TFTP root (what KERNEL and INITRD name)."""
+    return f"imgstore/{profile.name}/{gen.gen_id}"
+
+
+def mac_file(mac: MacAddress) -> str:
+    return f"{CFG_DIR}/{mac.pxelinux_name}"
+
+
+def default_file() -> str:
+    return f"{CFG_DIR}/default"
+
+
+def append_line(profile: Profile, gen: Generation, root: Path) -> str:
+    d = gen_dir(profile, gen)
+    text = gen.append.format(
+        nfs_server=profile.nfs_server, nfs_options=profile.nfs_options, root=os.fspath(root), gen=gen.gen_id,
+        profile=profile.name, kernel=f"{d}/vmlinuz", initrd=f"{d}/initrd.img",
+    )
+    return f"{text} imgstore.gen={gen.gen_id}".strip()
+
+
+def config(profile: Profile, gen: Generation, root: Path, who: str) -> bytes:
+    d = gen_dir(profile, gen)
+    lines = [
+        f"{MARK} {who}: {gen.ref} {gen.gen_id}. Written by imgstore; edits are reported as drift.",
+    ]
+    if profile.serial:
+        lines.append(f"SERIAL {profile.serial}")
+    lines += [
+        "DEFAULT imgstore",
+        "PROMPT 0",
+        "TIMEOUT 0",
+        # A node that cannot load its kernel reboots and tries again instead of waiting at boot:.
+        "ONERROR reboot.c32",
+        "LABEL imgstore",
+        f"  KERNEL {d}/vmlinuz",
+    ]
+    if gen.initrd:
+        lines.append(f"  INITRD {d}/initrd.img")
+    lines += [f"  APPEND {append_line(profile, gen, root)}", "  IPAPPEND 3", ""]
+    return "\n".join(lines).encode()
+
+
+def place_file(src: Path, dest: Path) -> None:
+    """Hardlink src to dest (a copy across filesystems), world-readable, atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+def install_bootloader(profile: Profile) -> list[str]:
+    """Copy pxelinux.0 and the modules ONERROR needs into the TFTP root if missing. Returns what it copied."""
+    if profile.bootloader_dir is None:
+        return []
+    copied = []
+    for name in BOOTLOADER:
+        dest = profile.tftp_root / name
+        if dest.exists():
+            continue
+        for d in (profile.bootloader_dir, *MODULE_DIRS):
+            if (d / name).is_file():
+                profile.tftp_root.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f"{TMP_PREFIX}{name}")
+                shutil.copyfile(d / name, tmp)
+                os.chmod(tmp, 0o644)
+                os.rename(tmp, dest)
+                copied.append(name)
+                break
+    return copied
