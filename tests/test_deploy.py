@@ -1,0 +1,343 @@
+"""Deploying: materialize, rollout, canary, rollback, pin, drift and sync, adopt, nodes; all on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Cli, disk_state
+
+PROFILE = """
+[commit]
+require_kernel = true
+[boot]
+serial = "0 115200"
+append = "console=ttyS0 nfsroot={nfs_server}:{root},{nfs_options}"
+[deploy]
+tftp_root = "tftpboot"
+root_link = "netboot/root"
+serve_default = true
+nfs_server = "10.0.0.1"
+nfs_options = "ro,actimeo=120"
+"""
+
+
+def _chroot(path: Path, motd: str) -> Path:
+    (path / "etc").mkdir(parents=True, exist_ok=True)
+    (path / "boot").mkdir(exist_ok=True)
+    (path / "usr/share").mkdir(parents=True, exist_ok=True)
+    (path / "etc/motd").write_text(motd)
+    (path / "usr/share/big").write_bytes(b"shared content " * 100_000)
+    (path / "boot/vmlinuz-6.1.0-28-amd64").write_bytes(b"KERNEL" * 1000)
+    (path / "boot/initrd.img-6.1.0-28-amd64").write_bytes(b"INITRD" * 500)
+    return path
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, cli: Cli) -> Path:
+    """A store with web@1..3 committed and two nodes; nothing rolled out yet."""
+    assert cli("init").returncode == 0
+    store = tmp_path / "store"
+    (store / "profiles/web.toml").write_text(PROFILE)
+    tree = _chroot(tmp_path / "chroot", "one\n")
+    for n, motd in enumerate(("one\n", "two\n", "three\n"), 1):
+        (tree / "etc/motd").write_text(motd)
+        r = cli("commit", tree, "-p", "web", "-m", f"gen {n}")
+        assert r.returncode == 0, r.stderr
+    assert cli("node", "add", "www1", "--mac", "52:54:00:AB:CD:EF", "--ip", "10.0.1.1", "-p", "web").returncode == 0
+    r = cli("node", "add", "www3", "--mac", "5254.0012.3456", "--ip", "10.0.1.3", "-p", "web")
+    assert r.returncode == 0, r.stderr
+    return store
+
+
+def _gen(cli: Cli, ref: str) -> dict[str, str]:
+    return json.loads(cli("show", ref, "--json").stdout)  # type: ignore[no-any-return]
+
+
+def _booted(cfg: Path) -> str:
+    text = cfg.read_text()
+    return text.split("imgstore.gen=")[1].split()[0]
+
+
+def test_rollout_canary_rollback_story(fleet: Path, cli: Cli) -> None:
+    tftp = fleet / "tftpboot/pxelinux.cfg"
+    g = {n: _gen(cli, f"web@{n}") for n in (1, 2, 3)}
+    r = cli("rollout", "web@2", "--json")
+    assert r.returncode == 0, r.stderr
+    ch = json.loads(r.stdout)
+    assert ch["to_ref"] == "web@2" and sorted(ch["nodes_moved"]) == ["www1", "www3"]
+    www1, www3, default = tftp / "01-52-54-00-ab-cd-ef", tftp / "01-52-54-00-12-34-56", tftp / "default"
+    assert _booted(www1) == _booted(www3) == _booted(default) == g[2]["gen_id"]
+    root_link = fleet / "netboot/root"
+    assert os.readlink(root_link) == str(fleet / f"{g[2]['gen_id']}-web-rootfs")
+    assert (root_link / "etc/motd").read_text() == "two\n"
+
+    # Canary: only www3 moves.
+    r = cli("rollout", "--canary", "www3")
+    assert r.returncode == 0, r.stderr
+    assert _booted(www3) == g[3]["gen_id"] and _booted(www1) == g[2]["gen_id"] == _booted(default)
+    assert os.readlink(root_link).startswith(str(fleet / g[2]["gen_id"]))
+    # Each node's APPEND carries its own generation's tree.
+    assert f"nfsroot=10.0.0.1:{fleet}/{g[3]['gen_id']}-web-rootfs,ro,actimeo=120" in www3.read_text()
+    assert f"nfsroot=10.0.0.1:{fleet}/{g[2]['gen_id']}-web-rootfs,ro,actimeo=120" in www1.read_text()
+    for f in (www1, www3, default):
+        text = f.read_text()
+        assert "ONERROR reboot.c32" in text and "IPAPPEND 3" in text and "SERIAL 0 115200" in text
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+
+    # Undo the canary, then roll the profile forward and back.
+    assert cli("rollback", "--node", "www3").returncode == 0
+    assert _booted(www3) == g[2]["gen_id"]
+    assert cli("rollout", "--canary", "52-54-00-12-34-56").returncode == 0  # by MAC
+    assert cli("rollout").returncode == 0  # latest = web@3; the canary pin equal to it is released
+    st = json.loads(cli("status", "--json").stdout)
+    assert {n["name"]: (n["pinned"], n["effective"]) for n in st["nodes"]} == {
+        "www1": (None, "web@3"), "www3": (None, "web@3")}
+    assert st["drift"] == []
+    assert cli("rollout", "web@1").returncode == 0
+    # rollback walks back through the activation history: 1 -> 3 -> 2.
+    assert json.loads(cli("rollback", "--json").stdout)["to_ref"] == "web@3"
+    assert json.loads(cli("rollback", "--json").stdout)["to_ref"] == "web@2"
+    assert _booted(www1) == g[2]["gen_id"]
+    r = cli("rollback")
+    assert r.returncode == 3 and "no earlier active generation" in r.stderr
+    assert json.loads(cli("rollback", "--to", "web@1", "--json").stdout)["to_ref"] == "web@1"
+    hist = json.loads(cli("history", "--json").stdout)
+    assert [h["kind"] for h in hist] == ["rollout", "canary", "rollback-node", "canary", "rollout", "rollout",
+                                         "rollback", "rollback", "rollout"]
+    assert hist[1]["node"] == "www3" and hist[1]["from"] == "web@2" and hist[1]["to"] == "web@3"
+    assert cli("pin", "www1", "web@3").returncode == 0 and _booted(www1) == g[3]["gen_id"]
+    assert cli("unpin", "www1").returncode == 0 and _booted(www1) == g[1]["gen_id"]
+    assert cli("status").returncode == 0
+    assert cli("verify").returncode == 0
+
+
+def test_tftp_files_are_hardlinks_world_readable_never_symlinks(fleet: Path, cli: Cli) -> None:
+    assert cli("rollout").returncode == 0
+    g = _gen(cli, "web@3")
+    d = fleet / "tftpboot/imgstore/web" / g["gen_id"]
+    for name, digest in (("vmlinuz", g["kernel"]), ("initrd.img", g["initrd"])):
+        f = d / name
+        st = f.lstat()
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+        assert st.st_nlink >= 2  # a hardlink to the shared copy, not a second copy
+        import blake3
+
+        assert blake3.blake3(f.read_bytes()).hexdigest() == digest
+    for dirpath, dirnames, filenames in os.walk(fleet / "tftpboot"):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            assert not os.path.islink(p), p
+            assert os.stat(p).st_mode & 0o004, p  # readable by nobody
+            assert not os.stat(p).st_mode & 0o002, p  # writable by nobody else
+    # Nothing from inside the rootfs leaks into the TFTP root.
+    assert not any("motd" in fs for _, _, fs in os.walk(fleet / "tftpboot"))
+
+
+def test_materialized_generations_share_storage(fleet: Path, cli: Cli) -> None:
+    assert cli("materialize", "web@1").returncode == 0
+    assert cli("materialize", "web@2").returncode == 0
+    g1, g2 = _gen(cli, "web@1"), _gen(cli, "web@2")
+    t1, t2 = fleet / f"{g1['gen_id']}-web-rootfs", fleet / f"{g2['gen_id']}-web-rootfs"
+    assert (t1 / "usr/share/big").stat().st_ino == (t2 / "usr/share/big").stat().st_ino
+    assert (t1 / "etc/motd").read_text() == "one\n" and (t2 / "etc/motd").read_text() == "two\n"
+    du = subprocess.run(["du", "-sk", "--count-links", t1, t2], capture_output=True, text=True).stdout
+    du_shared = subprocess.run(["du", "-sk", t1, t2], capture_output=True, text=True).stdout
+    total_shared = sum(int(line.split()[0]) for line in du_shared.splitlines())
+    total_counted = sum(int(line.split()[0]) for line in du.splitlines())
+    assert total_shared < 0.6 * total_counted  # the second tree costs about its directories only
+    r = cli("materialize", "web@1")
+    assert "already materialized" in r.stdout
+
+
+def test_dry_run_writes_nothing(fleet: Path, cli: Cli) -> None:
+    assert cli("rollout", "web@1").returncode == 0
+    before = disk_state(fleet)
+    for args in (("rollout", "--dry-run"), ("rollout", "--canary", "www3", "--dry-run"), ("rollback", "--to", "web@2",
+                 "--dry-run"), ("pin", "www1", "web@2", "--dry-run"), ("sync", "--dry-run")):
+        r = cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
+    r = cli("rollout", "--dry-run", "--json")
+    assert json.loads(r.stdout)["dry_run"] is True
+    assert disk_state(fleet) == before
+
+
+def test_bad_input(fleet: Path, cli: Cli) -> None:
+    assert cli("rollout", "web@1").returncode == 0
+    before = disk_state(fleet)
+    cases = [
+        (("rollout", "--canary", "nosuch"), 3, "no node 'nosuch'"),
+        (("rollout", "web@9"), 3, "no generation"),
+        (("rollout", "-p", "nosuch"), 3, "profile 'nosuch'"),
+        (("rollback",), 3, "no earlier active generation"),
+        (("rollback", "--node", "www1"), 2, "not pinned"),
+        (("pin", "www1", "web@77"), 3, "no generation"),
+        (("node", "add", "www9", "--mac", "52:54:00:ab:cd:ef", "-p", "web"), 8, "already belongs to node 'www1'"),
+        (("node", "add", "www1", "--mac", "52:54:00:00:00:01", "-p", "web"), 8, "already exists"),
+        (("node", "add", "www9", "--mac", "52:54:00:zz:00:01", "-p", "web"), 2, "MAC"),
+        (("node", "add", "www9", "--mac", "../../etc/passwd", "-p", "web"), 2, "MAC"),
+        (("node", "add", "../evil", "--mac", "52:54:00:00:00:02", "-p", "web"), 2, "node name"),
+        (("node", "add", "www9", "--mac", "52:54:00:00:00:03", "-p", "nosuch"), 3, "profile"),
+        (("node", "show", "nosuch"), 3, "no node"),
+        (("node", "rm", "nosuch"), 3, "no node"),
+        (("node", "import-dhcpd", fleet / "missing.conf", "-p", "web"), 3, "does not exist"),
+    ]
+    for args, code, words in cases:
+        r = cli(*args)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert words.lower() in r.stderr.lower() and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert disk_state(fleet) == before
+
+
+def test_no_kernel_generation_cannot_be_rolled_out(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
+    (tmp_path / "empty/etc").mkdir(parents=True)
+    assert cli("commit", tmp_path / "empty", "-p", "web", "--no-kernel").returncode == 0
+    r = cli("rollout")
+    assert r.returncode == 2 and "no kernel" in r.stderr
+
+
+def test_drift_detected_and_repaired(fleet: Path, cli: Cli) -> None:
+    assert cli("rollout", "web@2").returncode == 0
+    assert cli("rollout", "--canary", "www3").returncode == 0
+    tftp = fleet / "tftpboot"
+    www1 = tftp / "pxelinux.cfg/01-52-54-00-ab-cd-ef"
+    www1.write_text(www1.read_text().replace("TIMEOUT 0", "TIMEOUT 50"))  # hand edit
+    (tftp / "pxelinux.cfg/01-52-54-00-12-34-56").unlink()
+    link = fleet / "netboot/root"
+    os.unlink(link)
+    os.symlink("/somewhere/else", link)
+    g2 = _gen(cli, "web@2")
+    kernel = tftp / "imgstore/web" / g2["gen_id"] / "vmlinuz"
+    with open(kernel, "r+b") as f:  # changed in place (it is a hardlink to the shared copy)
+        f.write(b"X")
+    (tftp / "pxelinux.cfg/01-00-11-22-33-44-55").write_text("# imgstore: node gone\n")
+    r = cli("status", "--json")
+    assert r.returncode == 8
+    kinds = {(d["kind"], Path(d["path"]).name) for d in json.loads(r.stdout)["drift"]}
+    assert kinds >= {("modified", www1.name), ("missing", "01-52-54-00-12-34-56"), ("wrong-target", "root"),
+                     ("modified", "vmlinuz"), ("stale", "01-00-11-22-33-44-55")}
+    assert all(d["fix"] == "imgstore sync" for d in json.loads(r.stdout)["drift"])
+    r = cli("sync")
+    assert r.returncode == 0, r.stderr
+    r = cli("status")
+    assert r.returncode == 0, r.stdout
+    import blake3
+
+    assert blake3.blake3(kernel.read_bytes()).hexdigest() == g2["kernel"]
+
+
+def test_node_commands_and_dhcpd(fleet: Path, tmp_path: Path, cli: Cli) -> None:
+    assert cli("rollout", "web@1").returncode == 0
+    conf = tmp_path / "dhcpd.conf"
+    conf.write_text("""
+# the original diskless web cluster
+subnet 10.0.1.0 netmask 255.255.255.0 {
+  group {
+    next-server 10.0.0.1;
+    filename "pxelinux.0";
+    host www5 { hardware ethernet 00:E0:81:2F:64:70; fixed-address 10.0.1.5; }
+    host www6 { hardware ethernet 00:e0:81:2f:64:71; fixed-address 10.0.1.6; option host-name "www6"; }
+  }
+}
+""")
+    r = cli("node", "import-dhcpd", conf, "-p", "web")
+    assert r.returncode == 0, r.stderr
+    assert (fleet / "tftpboot/pxelinux.cfg/01-00-e0-81-2f-64-70").exists()
+    names = [n["name"] for n in json.loads(cli("node", "list", "--json").stdout)]
+    assert names == ["www1", "www3", "www5", "www6"]
+    out = cli("node", "export-dhcpd", "--next-server", "10.0.0.1").stdout
+    assert 'filename "pxelinux.0"' in out and "hardware ethernet 00:e0:81:2f:64:70" in out
+    assert "dhcp-host=00:e0:81:2f:64:71,10.0.1.6,www6" in cli("node", "export-dnsmasq").stdout
+    # Re-importing the same file is refused as a whole: nothing half-imported.
+    r = cli("node", "import-dhcpd", conf, "-p", "web")
+    assert r.returncode == 8
+    assert cli("node", "edit", "www5", "--mac", "00:e0:81:2f:64:7f").returncode == 0
+    assert not (fleet / "tftpboot/pxelinux.cfg/01-00-e0-81-2f-64-70").exists()
+    assert (fleet / "tftpboot/pxelinux.cfg/01-00-e0-81-2f-64-7f").exists()
+    assert cli("node", "rm", "www5").returncode == 0
+    assert not (fleet / "tftpboot/pxelinux.cfg/01-00-e0-81-2f-64-7f").exists()
+    shown = json.loads(cli("node", "show", "00-E0-81-2F-64-71", "--json").stdout)
+    assert shown["name"] == "www6" and shown["effective"] == "web@1"
+    assert cli("status").returncode == 0
+
+
+def test_adopt_existing_root(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    store = tmp_path / "store"
+    legacy = store / "netboot/root"
+    _chroot(legacy, "hand-made\n")
+    (store / "profiles/web.toml").write_text(PROFILE)
+    r = cli("adopt", legacy, "-p", "web", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert legacy.is_symlink() and (legacy / "etc/motd").read_text() == "hand-made\n"
+    kept = Path(res["kept"])
+    assert kept.is_dir() and not kept.is_symlink() and (kept / "etc/motd").read_text() == "hand-made\n"
+    assert json.loads(cli("status", "--json").stdout)["profiles"][-1]["active"] == "web@1"
+    r = cli("adopt", legacy, "-p", "web")
+    assert r.returncode == 2 and "already a symlink" in r.stderr
+
+
+READER = r"""
+import os, sys, time
+paths = sys.argv[1:-1]
+deadline = time.time() + float(sys.argv[-1])
+bad = reads = 0
+while time.time() < deadline and not os.path.exists(paths[0] + ".stop"):
+    for p in paths[1:]:
+        try:
+            data = open(p, "rb").read()
+        except FileNotFoundError:
+            bad += 1; print("missing", p, flush=True); continue
+        reads += 1
+        if not data.endswith(b"IPAPPEND 3\n") or b"imgstore.gen=" not in data:
+            bad += 1; print("partial", p, data[-40:], flush=True)
+    try:
+        os.stat(paths[0])  # the root link always resolves
+        reads += 1
+    except FileNotFoundError:
+        bad += 1; print("link missing", flush=True)
+print("reads", reads, "bad", bad, flush=True)
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.slow
+def test_reader_never_sees_missing_or_partial_files(fleet: Path, cli: Cli) -> None:
+    """1,000 rollouts and rollbacks while another process reads the root link and per-MAC files."""
+    from imgstore import deploy
+    from imgstore.store import Store
+
+    assert cli("rollout", "web@1").returncode == 0
+    assert cli("rollout", "--canary", "www3", "web@2").returncode == 0
+    link = fleet / "netboot/root"
+    cfgs = [fleet / "tftpboot/pxelinux.cfg" / n for n in ("01-52-54-00-ab-cd-ef", "01-52-54-00-12-34-56", "default")]
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(link), *map(str, cfgs), "600"],
+                              stdout=subprocess.PIPE, text=True)
+    store = Store.open(fleet)
+    flips = 0
+    try:
+        t0 = time.monotonic()
+        for i in range(500):
+            deploy.rollout(store, "web", "web@3" if i % 2 == 0 else "web@2")
+            deploy.rollback(store, "web")
+            flips += 2
+        elapsed = time.monotonic() - t0
+    finally:
+        Path(str(link) + ".stop").touch()
+        out, _ = reader.communicate(timeout=60)
+        store.close()
+    assert reader.returncode == 0, out
+    assert flips == 1000
+    reads = int(out.split()[-3])
+    assert reads > 1000, out
+    print(f"{flips} flips in {elapsed:.1f} s; reader: {out.strip()}")
