@@ -7,12 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import write_profile
 from treeutil import IS_ROOT, diff_snapshots, make_nasty_tree, snapshot
 
 from imgstore import browse, commit, generations
 from imgstore.store import Store
-
-from conftest import write_profile
 
 
 def do_commit(store: Store, tree: Path, profile: str = "t", **kw: object) -> commit.CommitResult:
