@@ -62,9 +62,10 @@ def config(profile: Profile, gen: Generation, root: Path, who: str) -> bytes:
         "LABEL imgstore",
         f"  KERNEL {d}/vmlinuz",
     ]
-    if gen.initrd:
+    append = append_line(profile, gen, root)
+    if gen.initrd and "initrd=" not in append:  # the classic APPEND names it itself; never load it twice
         lines.append(f"  INITRD {d}/initrd.img")
-    lines += [f"  APPEND {append_line(profile, gen, root)}", "  IPAPPEND 3", ""]
+    lines += [f"  APPEND {append}", "  IPAPPEND 3", ""]
     return "\n".join(lines).encode()
 
 

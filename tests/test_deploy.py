@@ -341,3 +341,12 @@ def test_reader_never_sees_missing_or_partial_files(fleet: Path, cli: Cli) -> No
     reads = int(out.split()[-3])
     assert reads > 1000, out
     print(f"{flips} flips in {elapsed:.1f} s; reader: {out.strip()}")
+
+
+def test_classic_append_with_initrd_names_it_once(fleet: Path, cli: Cli) -> None:
+    (fleet / "profiles/web.toml").write_text(PROFILE.replace('append = "', 'append = "initrd={initrd} ramdisk_size=1048576 '))
+    assert cli("rollout", "web@1").returncode == 0
+    g = _gen(cli, "web@1")
+    text = (fleet / "tftpboot/pxelinux.cfg/default").read_text()
+    assert f"initrd=imgstore/web/{g['gen_id']}/initrd.img ramdisk_size=1048576" in text
+    assert "INITRD" not in text
