@@ -343,10 +343,13 @@ def test_reader_never_sees_missing_or_partial_files(fleet: Path, cli: Cli) -> No
     print(f"{flips} flips in {elapsed:.1f} s; reader: {out.strip()}")
 
 
-def test_classic_append_with_initrd_names_it_once(fleet: Path, cli: Cli) -> None:
+def test_classic_append_with_initrd_names_it_once(fleet: Path, tmp_path: Path, cli: Cli) -> None:
+    # Boot parameters belong to the generation: a new APPEND makes the same tree a new generation.
     (fleet / "profiles/web.toml").write_text(PROFILE.replace('append = "', 'append = "initrd={initrd} ramdisk_size=1048576 '))
-    assert cli("rollout", "web@1").returncode == 0
-    g = _gen(cli, "web@1")
+    r = cli("commit", tmp_path / "chroot", "-p", "web", "--json")
+    assert json.loads(r.stdout)["created"]
+    assert cli("rollout", "web@4").returncode == 0
+    g = _gen(cli, "web@4")
     text = (fleet / "tftpboot/pxelinux.cfg/default").read_text()
     assert f"initrd=imgstore/web/{g['gen_id']}/initrd.img ramdisk_size=1048576" in text
     assert "INITRD" not in text
