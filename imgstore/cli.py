@@ -88,7 +88,9 @@ def console() -> Any:
     from rich.console import Console
 
     # Piped output is for scripts and logs: do not wrap tables at 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    # No markup or emoji: a MAC like 52:54:00:ab:cd:ef must not become an emoji, nor "[x]" vanish.
+    opts: dict[str, Any] = {"emoji": False, "markup": False, "highlight": False}
+    return Console(**opts) if sys.stdout.isatty() else Console(width=200, **opts)
 
 
 def err_console() -> Any:

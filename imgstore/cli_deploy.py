@@ -271,6 +271,50 @@ def adopt(
               f"{directory} -> {res['target']}")
 
 
+def parse_duration(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise UsageError(f"--older-than {text!r} is not a duration", "write it like 30d, 12h, 90m or 3600s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+@app.command()
+def gc(
+    keep: Annotated[int, typer.Option("--keep", help="Always keep the last N generations of each profile.")] = 3,
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Only remove generations older "
+                                                      "than this (30d, 12h, ...).")] = None,
+    dry_run: DryRun = False,
+    force: Annotated[bool, typer.Option("--force", help="Run even if objects are missing.")] = False,
+    no_wait: NoWait = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove generations nothing needs: their trees, TFTP files and objects; print what was freed.
+
+    Kept: every profile's active generation and its rollback target, every node's pinned and effective
+    generation, and the last --keep generations of each profile.
+
+    Example: imgstore gc --keep 5 --older-than 30d --dry-run
+    """
+    from . import gc as gc_mod
+    from .cli import human_bytes
+
+    if keep < 0:
+        raise UsageError("--keep must be 0 or more", "e.g. --keep 3")
+    age = parse_duration(older_than) if older_than else None
+    res = gc_mod.gc(open_store(), keep, age, dry_run, force, not no_wait)
+    if json_out:
+        emit_json(res)
+        return
+    if dry_run:
+        print(f"would remove {len(res.removed)} generation(s): {', '.join(res.removed) or '-'}")
+    else:
+        print(f"removed {len(res.removed)} generation(s): {', '.join(res.removed) or '-'}; "
+              f"{res.objects:,} objects, {res.packs_rewritten} pack(s) rewritten; freed {human_bytes(res.bytes_freed)}")
+    print(f"kept {len(res.kept)}: {', '.join(res.kept) or '-'}")
+
+
 # -- nodes ----------------------------------------------------------------------------------------
 def _node_change(store: Any, profile: str) -> list[str]:
     """After a node is added or changed, write its per-MAC file if its profile has something active."""

@@ -42,6 +42,7 @@ class Generation:
     size: int
     new_bytes: int
     meta: dict[str, Any] = field(default_factory=dict)
+    deleted: float | None = None
 
     @property
     def ref(self) -> str:
@@ -76,12 +77,14 @@ def _row(r: Any) -> Generation:
         kernel=m["kernel"], kernel_name=m["kernel_name"], initrd=m["initrd"], initrd_name=m["initrd_name"],
         append=m["append"], created=m["created"], message=m["message"], user=m["user"], host=m["host"],
         source=m["source"], files=m["files"], size=m["size"], new_bytes=m["new_bytes"],
-        meta=json.loads(m["meta"] or "{}"),
+        meta=json.loads(m["meta"] or "{}"), deleted=m["deleted"],
     )
 
 
-def list_(conn: Connection, profile: str | None = None) -> list[Generation]:
+def list_(conn: Connection, profile: str | None = None, deleted: bool = False) -> list[Generation]:
     q = select(generations).order_by(generations.c.profile, generations.c.number)
+    if not deleted:
+        q = q.where(generations.c.deleted.is_(None))
     if profile is not None:
         q = q.where(generations.c.profile == profile)
     return [_row(r) for r in conn.execute(q)]
@@ -96,7 +99,8 @@ def by_pk(conn: Connection, pk: int) -> Generation:
 
 def latest(conn: Connection, profile: str) -> Generation | None:
     r = conn.execute(
-        select(generations).where(generations.c.profile == profile).order_by(generations.c.number.desc()).limit(1)
+        select(generations).where(generations.c.profile == profile, generations.c.deleted.is_(None))
+        .order_by(generations.c.number.desc()).limit(1)
     ).first()
     return _row(r) if r else None
 
@@ -144,7 +148,8 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
                         return g
         raise not_found(conn, f"{prof}@{sel}", prof)
     if re.fullmatch(r"[0-9a-f]{4,64}", ref):
-        rows = [_row(r) for r in conn.execute(select(generations).where(generations.c.gen_id.startswith(ref)))]
+        rows = [_row(r) for r in conn.execute(
+            select(generations).where(generations.c.gen_id.startswith(ref), generations.c.deleted.is_(None)))]
         if len({g.gen_id for g in rows}) == 1 and (len(rows) == 1 or profile):
             matching = [g for g in rows if profile is None or g.profile == profile]
             if matching:
@@ -158,6 +163,12 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
 
 
 def not_found(conn: Connection, ref: str, profile: str | None) -> NotFound:
+    for g in list_(conn, profile, deleted=True):
+        if g.deleted is not None and ref in (g.ref, g.gen_id) or (len(ref) >= 6 and g.gen_id.startswith(ref)):
+            import time
+
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.deleted or 0))
+            return NotFound(f"generation {g.ref} was removed by gc on {when}", "run: imgstore generations")
     gens = list_(conn, profile) or list_(conn)
     candidates = [g.ref for g in gens] + [g.gen_id[:12] for g in gens]
     close = difflib.get_close_matches(ref, candidates, 3, 0.4)

@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-HEAD = "0001"  # the newest migration; tests check it matches migrations/versions
+HEAD = "0002"  # the newest migration; tests check it matches migrations/versions
 
 metadata = MetaData()
 
@@ -46,6 +46,7 @@ generations = Table(
     Column("size", BigInteger, nullable=False, default=0),
     Column("new_bytes", BigInteger, nullable=False, default=0),
     Column("meta", Text, nullable=False, default="{}"),
+    Column("deleted", Float),  # set by gc: the row stays for history and so numbers are never reused
     UniqueConstraint("profile", "number", name="uq_generations_profile_number"),
     Index("ix_generations_gen_id", "gen_id"),
 )

@@ -345,7 +345,8 @@ def test_reader_never_sees_missing_or_partial_files(fleet: Path, cli: Cli) -> No
 
 def test_classic_append_with_initrd_names_it_once(fleet: Path, tmp_path: Path, cli: Cli) -> None:
     # Boot parameters belong to the generation: a new APPEND makes the same tree a new generation.
-    (fleet / "profiles/web.toml").write_text(PROFILE.replace('append = "', 'append = "initrd={initrd} ramdisk_size=1048576 '))
+    classic = PROFILE.replace('append = "', 'append = "initrd={initrd} ramdisk_size=1048576 ')
+    (fleet / "profiles/web.toml").write_text(classic)
     r = cli("commit", tmp_path / "chroot", "-p", "web", "--json")
     assert json.loads(r.stdout)["created"]
     assert cli("rollout", "web@4").returncode == 0
