@@ -422,7 +422,15 @@ def profile_show(name: Annotated[str, typer.Argument(help="Profile name.")], jso
 # ---------------------------------------------------------------------------------------------------
 def run() -> None:
     """Run the app, turning library errors into one line and an exit code."""
-    from . import cli_deploy  # noqa: F401  (registers the deploy and node commands)
+    import importlib
+
+    # Each module registers its commands on `app`; optional ones may be missing in a partial checkout.
+    for mod in ("cli_deploy", "cli_day2", "cli_watch"):
+        try:
+            importlib.import_module(f".{mod}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
 
     try:
         rc = app(standalone_mode=False)

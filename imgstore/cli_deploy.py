@@ -132,16 +132,28 @@ def unpin(
 
 
 @app.command()
-def status(json_out: JsonOpt = False) -> None:
-    """Per profile its active generation; per node pinned and effective generation; drift.
+def status(
+    chroot: Annotated[Optional[Path], typer.Argument(help="Show what changed in this chroot since the "
+                                                     "profile's latest generation.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="With no CHROOT: the profile's "
+                                                   "configured chroot.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Without arguments: per profile its active generation; per node pinned and effective generation;
+    drift (exit code 8 when something on disk differs from the database).
 
-    Exit code 0, or 8 when something on disk differs from the database (drift).
+    With CHROOT or --profile: what changed in the chroot since the profile's latest generation.
 
-    Example: imgstore status
+    Examples: imgstore status ; imgstore status /srv/chroots/web -p web
     """
     from . import status as status_mod
 
     store = open_store()
+    if chroot is not None or profile is not None:
+        from .cli_watch import show_chroot_status
+
+        show_chroot_status(store, profile, chroot, json_out)
+        return
     st = status_mod.status(store, store.profiles())
     if json_out:
         emit_json(st)
