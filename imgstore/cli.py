@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import ImgstoreError, UsageError
+from .errors import ConfigError, Conflict, ImgstoreError, NotFound, UsageError
 from .scan import DEFAULT_EXCLUDES
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ app.add_typer(profile_app, name="profile")
 
 class State:
     root: Path | None = None
+    store: Any = None
 
 
 state = State()
@@ -66,7 +67,9 @@ def main(
 def open_store() -> Any:
     from .store import Store
 
-    return Store.open(state.root)
+    if state.store is None:
+        state.store = Store.open(state.root)
+    return state.store
 
 
 def emit_json(data: Any) -> None:
@@ -147,7 +150,7 @@ def init(
     """
     from .store import Store, default_root
 
-    store = Store.init(state.root or default_root(), database)
+    store = state.store = Store.init(state.root or default_root(), database)
     if json_out:
         emit_json({"root": store.root, "database": store.database_url})
     else:
@@ -186,10 +189,14 @@ def commit(
             raise UsageError(f"profile {profile} sets no commit.chroot", "give the chroot path as an argument")
     with progress_bar("commit") as bar:
         res = commit_mod.commit(store, chroot, profile, message, kernel, initrd, no_kernel, bar, wait=not no_wait)
+    from . import audit
+
+    g = res.generation
+    audit.note(profile=g.profile, generation=g.ref,
+               detail=f"{'created' if res.created else 'unchanged'} {g.ref} {g.gen_id[:12]} from {chroot}")
     if json_out:
         emit_json(res)
         return
-    g = res.generation
     err = sys.stderr
     for m in res.skipped_mounts:
         print(f"skipped {m}: another filesystem is mounted there", file=err)
@@ -336,6 +343,9 @@ def checkout(
     from . import browse
 
     store, g = resolve(ref)
+    from . import audit
+
+    audit.note(profile=g.profile, generation=g.ref, detail=f"into {dest}")
     t0 = time.monotonic()
     with progress_bar("checkout") as bar:
         res = browse.checkout(store, g, dest, bar)
@@ -364,6 +374,9 @@ def verify(
     if repair:
         with store_lock(store.root, "verify --repair"):
             rep = verify_mod.verify(store, repair=True)
+        from . import audit
+
+        audit.note(detail="; ".join(rep.repaired) or "nothing to repair")
     else:
         rep = verify_mod.verify(store)
     if json_out:
@@ -382,6 +395,56 @@ def verify(
                   "generations whose content is gone for good can be dropped with imgstore gc", file=sys.stderr)
     if not rep.ok:
         raise typer.Exit(6)
+
+
+@app.command()
+def log(
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Only this profile.")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node.")] = None,
+    since: Annotated[str | None, typer.Option(help="From this time: 2026-11-01, '2026-11-01 03:00' or 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this time (same forms).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the last N events.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The audit trail: every commit, rollout, rollback, pin, gc and repair, with who, where and the result.
+
+    Example: imgstore log --node www3 --since 7d
+    """
+    from . import audit
+
+    store = open_store()
+    with store.engine.connect() as conn:
+        rows = audit.query(conn, profile, node, _when(since, "--since"), _when(until, "--until"), limit)
+    if json_out:
+        emit_json(rows)
+        return
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold")
+    for col in ("when", "who", "command", "profile", "node", "generation", "result", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])), f"{r['user']}@{r['host']}",
+                  r["command"], r["profile"] or "-", r["node"] or "-", r["generation"] or "-", r["result"],
+                  r["detail"] or r["argv"])
+    console().print(t)
+
+
+def _when(text: str | None, opt: str) -> float | None:
+    import datetime as dt
+    import re
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)([mhdw])", text.strip())
+    if m:
+        return time.time() - int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        return dt.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise UsageError(
+            f"{opt} {text!r} is not a time", "write it like 2026-11-01, '2026-11-01 03:00' or 7d"
+        ) from None
 
 
 @profile_app.command("list")
@@ -421,7 +484,7 @@ def profile_show(name: Annotated[str, typer.Argument(help="Profile name.")], jso
 
 # ---------------------------------------------------------------------------------------------------
 def run() -> None:
-    """Run the app, turning library errors into one line and an exit code."""
+    """Run the app, turning library errors into one line and an exit code; audit what changed things."""
     import importlib
 
     # Each module registers its commands on `app`; optional ones may be missing in a partial checkout.
@@ -431,34 +494,54 @@ def run() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.{mod}":
                 raise
-
+    code, message = 0, ""
     try:
         rc = app(standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        code = rc if isinstance(rc, int) else 0
     except ImgstoreError as exc:
-        _fail(str(exc), exc.exit_code)
+        code, message = exc.exit_code, str(exc)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing half-written is visible (the next command cleans up temp files)", 130)
+        code, message = 130, "interrupted; nothing half-written is visible (the next command cleans up temp files)"
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(0)
     except PermissionError as exc:
-        _fail(f"permission denied: {exc.filename} (run as root, or use a store you own with --root)", 1)
+        code, message = 1, f"permission denied: {exc.filename} (run as root, or use a store you own with --root)"
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except Exception as exc:  # noqa: BLE001
         import click
 
         if isinstance(exc, click.exceptions.Abort):
-            _fail("aborted", 130)
-        if isinstance(exc, click.ClickException):
+            code, message = 130, "aborted"
+        elif isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if os.environ.get("IMGSTORE_DEBUG"):
+        elif os.environ.get("IMGSTORE_DEBUG"):
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (re-run with IMGSTORE_DEBUG=1 for a traceback "
-              "and report it)", 1)
+        else:
+            code, message = 1, (f"unexpected {type(exc).__name__}: {exc} (re-run with IMGSTORE_DEBUG=1 for a "
+                                "traceback and report it)")
+    _audit(code, message)
+    if message:
+        _fail(message, code)
+    sys.exit(code)
+
+
+def _audit(code: int, message: str) -> None:
+    """One event per command that changes something, whether it worked or not."""
+    from . import audit
+
+    name = audit.command_name(sys.argv[1:])
+    if state.store is None or name not in audit.MUTATING or "--dry-run" in sys.argv:
+        return
+    if code in (UsageError.exit_code, NotFound.exit_code, ConfigError.exit_code, Conflict.exit_code):
+        return  # bad input changes nothing on disk, not even the log; failures of the work itself are kept
+    try:
+        with state.store.engine.begin() as conn:
+            audit.record(conn, name, "ok" if code == 0 else f"error {code}", message)
+    except Exception:  # noqa: BLE001  the audit trail must never turn a result into a failure
+        pass
 
 
 def _fail(message: str, code: int) -> None:

@@ -36,6 +36,12 @@ def _profile_name(store: Any, given: str | None) -> str:
 
 
 def _show_change(ch: Any, json_out: bool) -> None:
+    from . import audit
+
+    one_node = ch.nodes_moved[0] if ch.action in ("canary", "pin", "unpin", "rollback-node") else None
+    audit.note(profile=ch.profile, node=one_node, generation=ch.to_ref,
+               detail=f"{ch.action} {ch.from_ref or '-'} -> {ch.to_ref}; {len(ch.nodes_moved)} node(s); "
+               f"{len(ch.written)} file(s) written")
     if json_out:
         emit_json(ch)
         return
@@ -221,6 +227,9 @@ def sync(dry_run: DryRun = False, json_out: JsonOpt = False) -> None:
 
     store = open_store()
     written = deploy.sync(store, store.profiles(), dry_run)
+    from . import audit
+
+    audit.note(detail=f"{len(written)} path(s) repaired")
     if json_out:
         emit_json({"dry_run": dry_run, "paths": written})
         return
@@ -253,6 +262,9 @@ def materialize(
             g = generations.resolve(conn, gen)
         discard_stale(store)
         path, created = mat(store, g)
+    from . import audit
+
+    audit.note(profile=g.profile, generation=g.ref, detail=os.fspath(path))
     if json_out:
         emit_json({"generation": g.ref, "path": path, "created": created, "seconds": time.monotonic() - t0})
     else:
@@ -276,6 +288,9 @@ def adopt(
     from . import adopt as adopt_mod
 
     res = adopt_mod.adopt(open_store(), directory, profile, message, kernel, initrd)
+    from . import audit
+
+    audit.note(profile=profile, generation=res["generation"], detail=f"adopted {directory}")
     if json_out:
         emit_json(res)
     else:
@@ -316,6 +331,9 @@ def gc(
         raise UsageError("--keep must be 0 or more", "e.g. --keep 3")
     age = parse_duration(older_than) if older_than else None
     res = gc_mod.gc(open_store(), keep, age, dry_run, force, not no_wait)
+    from . import audit
+
+    audit.note(detail=f"removed {', '.join(res.removed) or 'nothing'}; freed {res.bytes_freed} bytes")
     if json_out:
         emit_json(res)
         return
@@ -354,6 +372,9 @@ def node_add(
     store.profile(profile)
     with store_lock(store.root, "node add"), store.engine.begin() as conn:
         n = nodes.add(conn, name, mac, ip, profile)
+    from . import audit
+
+    audit.note(profile=profile, node=n.name, detail=f"{n.mac} {n.ip or ''}")
     written = _node_change(store, profile)
     if json_out:
         emit_json({**n.as_dict(), "written": written})
@@ -429,6 +450,9 @@ def node_edit(
     with store_lock(store.root, "node edit"), store.engine.begin() as conn:
         old = nodes.get(conn, node)
         new = nodes.edit(conn, old, mac, ip, profile)
+    from . import audit
+
+    audit.note(profile=new.profile, node=new.name, detail=f"{old.mac} -> {new.mac}, {old.ip} -> {new.ip}")
     if old.mac != new.mac:
         stale = store.profile(old.profile).tftp_root / pxelinux.mac_file(old.mac)
         if stale.exists():
@@ -450,6 +474,9 @@ def node_rm(node: Annotated[str, typer.Argument(help="Name or MAC.")]) -> None:
     with store_lock(store.root, "node rm"), store.engine.begin() as conn:
         n = nodes.get(conn, node)
         nodes.remove(conn, n)
+    from . import audit
+
+    audit.note(profile=n.profile, node=n.name, detail=str(n.mac))
     f = store.profile(n.profile).tftp_root / pxelinux.mac_file(n.mac)
     if f.exists():
         f.unlink()
