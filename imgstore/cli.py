@@ -358,41 +358,52 @@ def checkout(
 
 @app.command()
 def verify(
-    repair: Annotated[bool, typer.Option("--repair", help="Quarantine damaged objects and clean temp files.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Mend what can be mended (see above).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-hash every object and manifest; report what is missing or damaged and which generations need it.
+    """Re-hash every object, manifest and materialized tree; report what is missing or damaged and which
+    generations need it.
+
+    --repair: damaged objects are quarantined (and stored again from a materialized tree that still holds
+    the content), materialized trees and TFTP files changed in place are restored from the objects, temp
+    files are removed. Then the store is verified again.
 
     Exit code 0 when the store is clean, 6 when something is missing or damaged.
 
-    Example: imgstore verify
+    Example: imgstore verify ; imgstore verify --repair
     """
     from . import verify as verify_mod
     from .locking import store_lock
+    from .store import Store
 
     store = open_store()
+    repaired: list[str] = []
     if repair:
         with store_lock(store.root, "verify --repair"):
-            rep = verify_mod.verify(store, repair=True)
-        from . import audit
+            repaired = verify_mod.verify(store, repair=True).repaired
+            from . import audit
 
-        audit.note(detail="; ".join(rep.repaired) or "nothing to repair")
+            audit.note(detail="; ".join(repaired) or "nothing to repair")
+            store = Store.open(store.root)  # fresh view of packs and objects after the repair
+            rep = verify_mod.verify(store)
+            rep.repaired = repaired
     else:
         rep = verify_mod.verify(store)
     if json_out:
         emit_json(rep)
     else:
+        for r in rep.repaired:
+            print(f"repaired: {r}")
         for p in rep.problems:
             users = f"; needed by {', '.join(p.generations)}" if p.generations else "; needed by no generation"
             print(f"temp: {p.what} ({p.detail})" if p.kind == "temp" else f"{p.kind}: {p.detail}{users}")
-        for r in rep.repaired:
-            print(f"repaired: {r}")
         bad = sum(p.kind != "temp" for p in rep.problems)
-        print(f"checked {rep.objects:,} objects in {rep.packs} packs and loose files, {rep.generations} generations "
-              f"in {rep.seconds:.2f} s: " + ("OK" if rep.ok else f"{bad} problem(s)"))
+        verdict = "OK" if rep.ok else f"{bad} problem(s)"
+        print(f"checked {rep.objects:,} objects in {rep.packs} packs and loose files, {rep.trees} materialized "
+              f"trees, {rep.generations} generations in {rep.seconds:.2f} s: {verdict}")
         if not rep.ok:
-            print("next: imgstore verify --repair, then commit the chroot(s) again to re-store the lost content; "
-                  "generations whose content is gone for good can be dropped with imgstore gc", file=sys.stderr)
+            print("next: imgstore verify --repair; content no copy holds any more comes back by committing a chroot "
+                  "that has it; generations that stay damaged can be dropped with imgstore gc --force", file=sys.stderr)
     if not rep.ok:
         raise typer.Exit(6)
 

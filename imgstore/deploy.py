@@ -173,6 +173,7 @@ def apply(store: Store, want: Desired) -> list[str]:
             written.append(os.fspath(path))
         for d in dirs:
             fsync_dir(d)
+    faults.point("apply.before-link")
     for link, target in sorted(want.links.items()):
         try:
             if os.readlink(link) == target:
@@ -341,6 +342,7 @@ def rollback(store: Store, profile_name: str, to: str | None = None, dry_run: bo
             return change
         discard_stale(store)
         prepare(store, profile, target, change.materialized)
+        faults.point("rollback.before-row")
         with store.engine.begin() as conn:
             set_active(conn, profile.name, target)
             # --to behaves like a rollout to an older generation: it can itself be rolled back.

@@ -142,6 +142,7 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         # 3. Objects nothing kept needs.
         need = needed_objects(store, kept)
         _sweep_objects(store, need, res)
+        faults.point("gc.before-mat-sweep")
         # 4. Shared copies no tree or TFTP file links to any more.
         mat = store.root / MAT
         for dirpath, _dirs, files in os.walk(mat):

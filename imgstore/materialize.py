@@ -115,6 +115,7 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
         _apply_fd(fd, e, own=os.geteuid() == 0)
     finally:
         os.close(fd)
+    faults.point("materialize.before-mat-rename")
     os.rename(tmp, path)
     dirty.add(path.parent)
     return path

@@ -29,7 +29,7 @@ from .store import Store
 
 @dataclass
 class Problem:
-    kind: str  # missing | damaged | temp
+    kind: str  # missing | damaged | tree | temp
     what: str  # object digest or path
     detail: str
     generations: list[str] = field(default_factory=list)
@@ -43,6 +43,7 @@ class VerifyReport:
     objects: int = 0
     packs: int = 0
     generations: int = 0
+    trees: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
@@ -50,7 +51,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not any(p.kind in ("missing", "damaged") for p in self.problems)
+        return not any(p.kind in ("missing", "damaged", "tree") for p in self.problems)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "problems"}
@@ -141,6 +142,7 @@ def verify(store: Store, repair: bool = False, progress: Callable[[int], None] |
             rep.problems.append(Problem("missing", digest, f"object {digest[:16]} is missing", refs))
     for digest, why in sorted(damaged.items()):  # damaged but needed by no generation
         rep.problems.append(Problem("damaged", digest, why, []))
+    _check_trees(store, gens, rep)
     for sub in ("objects", "packs", ""):
         folder = store.root / sub
         for name in os.listdir(folder) if folder.is_dir() else []:
@@ -149,8 +151,54 @@ def verify(store: Store, repair: bool = False, progress: Callable[[int], None] |
 
     if repair:
         _repair(store, rep, bad_packs)
+        _repair_trees_and_tftp(store, rep, gens)
     rep.seconds = time.monotonic() - t0
     return rep
+
+
+def _check_trees(store: Store, gens: list[Generation], rep: VerifyReport) -> None:
+    """Materialized trees against their manifests (each shared copy is hashed once)."""
+    from .repair import check_tree, materialized
+
+    hashes: dict[tuple[int, int], str] = {}
+    for g in materialized(store, gens):
+        try:
+            es = manifest.decode(store.objects.read(g.manifest), f"manifest of {g.ref}")
+        except IntegrityError:
+            continue
+        rep.trees += 1
+        for tp in check_tree(store, g, es, hashes):
+            rep.problems.append(Problem("tree", f"{g.ref}:/{tp.path}", f"materialized tree of {g.ref}: /{tp.path}: "
+                                        f"{tp.what} differs from the manifest", [g.ref]))
+
+
+def _repair_trees_and_tftp(store: Store, rep: VerifyReport, gens: list[Generation]) -> None:
+    from . import deploy
+    from .repair import check_tree, materialized, recover_objects, repair_tree
+
+    lost = {p.what for p in rep.problems if p.kind in ("damaged", "missing") and len(p.what) == 64}
+    if lost:
+        for digest, source in sorted(recover_objects(store, lost, gens).items()):
+            rep.repaired.append(f"object {digest[:16]}: stored again from {source}")
+    hashes: dict[tuple[int, int], str] = {}
+    for g in materialized(store, gens):
+        try:
+            es = manifest.decode(store.objects.read(g.manifest), f"manifest of {g.ref}")
+        except IntegrityError:
+            continue
+        if any(e.type == FILE and not store.objects.has(e.digest) for e in es):
+            continue  # cannot mend from objects we do not have; verify keeps reporting it
+        problems = check_tree(store, g, es, hashes)
+        if problems:
+            repair_tree(store, g, es, problems)
+            hashes.clear()
+            rep.repaired.extend(f"tree {p}: restored" for p in problems)
+    profiles = store.profiles()
+    with store.engine.connect() as conn:
+        want = deploy.desired(store, conn, profiles)
+    for profile, g in want.gens.values():
+        deploy.prepare(store, profile, g, [], repair=True)
+    rep.repaired.extend(f"rewrote {w}" for w in deploy.apply(store, want))
 
 
 def _repair(store: Store, rep: VerifyReport, bad_packs: list[str]) -> None:
