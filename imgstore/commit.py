@@ -154,7 +154,7 @@ def commit(
         scan_started = time.time_ns()
         cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
         objects = store.objects
-        _ = objects.index  # load the pack index before the worker threads look at it
+        _ = objects.index, objects.loose  # loaded before the worker threads look at them
         res_entries: list[Entry] = []
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
         pending: deque[tuple[Found, Future[tuple[str, bytes | None, int, int]]]] = deque()

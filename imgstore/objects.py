@@ -72,6 +72,7 @@ class ObjectStore:
         self.loose_dir = root / "objects"
         self.pack_dir = root / "packs"
         self._index: dict[bytes, PackSlot] | None = None
+        self._loose: set[str] | None = None
         self._fds: dict[str, int] = {}
         self._writer: PackWriter | None = None
         self._dirty_dirs: set[Path] = set()
@@ -115,13 +116,26 @@ class ObjectStore:
                 if len(name) == 64 and name.startswith(sub):
                     yield name
 
+    @property
+    def loose(self) -> set[str]:
+        # One listing instead of a stat per lookup: commit asks about every new file.
+        if self._loose is None:
+            self._loose = set(self.loose_digests())
+        return self._loose
+
     def has(self, digest: str) -> bool:
-        if bytes.fromhex(digest) in self.index:
+        raw = bytes.fromhex(digest)
+        if raw in self.index:
             return True
         w = self._writer
-        if w is not None and bytes.fromhex(digest) in w.pending:
+        if w is not None and raw in w.pending:
             return True
-        return os.path.exists(self.loose_path(digest))
+        if digest in self.loose:
+            # Confirm on disk: a loose object may have been removed (gc, verify --repair) since the listing.
+            if os.path.exists(self.loose_path(digest)):
+                return True
+            self.loose.discard(digest)
+        return False
 
     # -- writing ------------------------------------------------------------------------------
     def add_compressed(self, digest: str, size: int, blob: bytes) -> int:
@@ -172,6 +186,7 @@ class ObjectStore:
             target.parent.mkdir(exist_ok=True)
             os.rename(tmp, target)
             self._dirty_dirs.add(target.parent)
+            self.loose.add(digest)
             return digest, stored
         except BaseException as exc:
             try:
