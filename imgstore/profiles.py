@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "nfs_server": (str, "10.0.0.1"),
         "nfs_options": (str, "ro,actimeo=120"),
         "bootloader_dir": (str, ""),
+        "mac_files": (str, "link"),
     },
 }
 
@@ -64,6 +65,7 @@ class Profile:
     nfs_server: str
     nfs_options: str
     bootloader_dir: Path | None
+    mac_files: str  # "link": relative symlinks to the generation's config; "copy": a file per node
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,8 @@ def load(path: Path, base: Path) -> Profile:
     for pat in values["commit.exclude"]:
         if not isinstance(pat, str) or not pat.startswith("/"):
             raise fail("commit", "exclude", f"entry {pat!r} must be a string starting with '/'")
+    if values["deploy.mac_files"] not in ("link", "copy"):
+        raise fail("deploy", "mac_files", "must be 'link' or 'copy'")
     if values["boot.root_mode"] not in ("nfs", "tmpfs"):
         raise fail("boot", "root_mode", "must be 'nfs' or 'tmpfs'")
     try:
@@ -151,6 +155,7 @@ def load(path: Path, base: Path) -> Profile:
         nfs_server=values["deploy.nfs_server"],
         nfs_options=values["deploy.nfs_options"],
         bootloader_dir=p(values["deploy.bootloader_dir"]),
+        mac_files=values["deploy.mac_files"],
     )
 
 

@@ -29,6 +29,16 @@ def gen_dir(profile: Profile, gen: Generation) -> str:
     return f"imgstore/{profile.name}/{gen.gen_id}"
 
 
+def gen_config(profile: Profile, gen: Generation) -> str:
+    """The generation's own config, shared by every node that boots it (relative to the TFTP root)."""
+    return f"{gen_dir(profile, gen)}/pxelinux.cfg"
+
+
+def link_target(profile: Profile, gen: Generation) -> str:
+    """What pxelinux.cfg/<name> points at: relative, so it stays inside the root tftpd --secure chroots to."""
+    return f"../{gen_config(profile, gen)}"
+
+
 def mac_file(mac: MacAddress) -> str:
     return f"{CFG_DIR}/{mac.pxelinux_name}"
 
@@ -46,10 +56,10 @@ def append_line(profile: Profile, gen: Generation, root: Path) -> str:
     return f"{text} imgstore.gen={gen.gen_id}".strip()
 
 
-def config(profile: Profile, gen: Generation, root: Path, who: str) -> bytes:
+def config(profile: Profile, gen: Generation, root: Path) -> bytes:
     d = gen_dir(profile, gen)
     lines = [
-        f"{MARK} {who}: {gen.ref} {gen.gen_id}. Written by imgstore; edits are reported as drift.",
+        f"{MARK} {gen.ref} {gen.gen_id}. Written by imgstore; edits are reported as drift.",
     ]
     if profile.serial:
         lines.append(f"SERIAL {profile.serial}")

@@ -86,8 +86,10 @@ def drift(store: Store, profiles: list[Profile], want: deploy.Desired) -> list[D
             out.append(Drift("missing", os.fspath(link), f"should point at {target}"))
             continue
         except OSError:
-            out.append(Drift("not-a-link", os.fspath(link), "is not a symlink",
-                             f"imgstore adopt {link}"))
+            is_dir = link.is_dir()
+            out.append(Drift("not-a-link", os.fspath(link), "is a directory, not a symlink" if is_dir
+                             else "is a plain file (hand-written?), not imgstore's link",
+                             f"imgstore adopt {link}" if is_dir else FIX))
             continue
         if actual_t != target:
             out.append(Drift("wrong-target", os.fspath(link), f"points at {actual_t}, should point at {target}"))
@@ -112,10 +114,15 @@ def stale_configs(profiles: list[Profile], want: deploy.Desired) -> list[Drift]:
         if not cfg.is_dir():
             continue
         for f in sorted(cfg.iterdir()):
-            if f in want.files or f.name.startswith(".") or not f.is_file():
+            if f in want.files or f in want.links or f.name.startswith("."):
                 continue
-            with open(f, "rb") as fh:
-                head = fh.read(len(pxelinux.MARK))
-            if head == pxelinux.MARK.encode():
+            if f.is_symlink():
+                ours = os.readlink(f).startswith("../imgstore/")
+            elif f.is_file():
+                with open(f, "rb") as fh:
+                    ours = fh.read(len(pxelinux.MARK)) == pxelinux.MARK.encode()
+            else:
+                ours = False
+            if ours:
                 out.append(Drift("stale", os.fspath(f), "written by imgstore for a node or profile that is gone"))
     return out

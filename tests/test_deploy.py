@@ -130,12 +130,19 @@ def test_tftp_files_are_hardlinks_world_readable_never_symlinks(fleet: Path, cli
         import blake3
 
         assert blake3.blake3(f.read_bytes()).hexdigest() == digest
+    root = os.path.realpath(fleet / "tftpboot")
+    links = 0
     for dirpath, dirnames, filenames in os.walk(fleet / "tftpboot"):
         for n in dirnames + filenames:
             p = os.path.join(dirpath, n)
-            assert not os.path.islink(p), p
+            if os.path.islink(p):
+                # Only relative links that stay inside the root: tftpd-hpa --secure chroots into it.
+                links += 1
+                assert not os.readlink(p).startswith("/"), p
+                assert os.path.realpath(p).startswith(root + "/"), p
             assert os.stat(p).st_mode & 0o004, p  # readable by nobody
             assert not os.stat(p).st_mode & 0o002, p  # writable by nobody else
+    assert links == 3  # default and two per-MAC names
     # Nothing from inside the rootfs leaks into the TFTP root.
     assert not any("motd" in fs for _, _, fs in os.walk(fleet / "tftpboot"))
 
@@ -210,7 +217,12 @@ def test_drift_detected_and_repaired(fleet: Path, cli: Cli) -> None:
     assert cli("rollout", "--canary", "www3").returncode == 0
     tftp = fleet / "tftpboot"
     www1 = tftp / "pxelinux.cfg/01-52-54-00-ab-cd-ef"
-    www1.write_text(www1.read_text().replace("TIMEOUT 0", "TIMEOUT 50"))  # hand edit
+    # A hand edit through the per-MAC link changes the generation's shared config ...
+    www1.write_text(www1.read_text().replace("TIMEOUT 0", "TIMEOUT 50"))
+    default = tftp / "pxelinux.cfg/default"
+    text = default.read_text()
+    default.unlink()
+    default.write_text(text)  # ... and a link replaced by a hand-written file
     (tftp / "pxelinux.cfg/01-52-54-00-12-34-56").unlink()
     link = fleet / "netboot/root"
     os.unlink(link)
@@ -223,8 +235,8 @@ def test_drift_detected_and_repaired(fleet: Path, cli: Cli) -> None:
     r = cli("status", "--json")
     assert r.returncode == 8
     kinds = {(d["kind"], Path(d["path"]).name) for d in json.loads(r.stdout)["drift"]}
-    assert kinds >= {("modified", www1.name), ("missing", "01-52-54-00-12-34-56"), ("wrong-target", "root"),
-                     ("modified", "vmlinuz"), ("stale", "01-00-11-22-33-44-55")}
+    assert kinds >= {("modified", "pxelinux.cfg"), ("not-a-link", "default"), ("missing", "01-52-54-00-12-34-56"),
+                     ("wrong-target", "root"), ("modified", "vmlinuz"), ("stale", "01-00-11-22-33-44-55")}, kinds
     assert all(d["fix"] == "imgstore sync" for d in json.loads(r.stdout)["drift"])
     r = cli("sync")
     assert r.returncode == 0, r.stderr
@@ -354,3 +366,17 @@ def test_classic_append_with_initrd_names_it_once(fleet: Path, tmp_path: Path, c
     text = (fleet / "tftpboot/pxelinux.cfg/default").read_text()
     assert f"initrd=imgstore/web/{g['gen_id']}/initrd.img ramdisk_size=1048576" in text
     assert "INITRD" not in text
+
+
+def test_mac_files_as_copies(fleet: Path, cli: Cli) -> None:
+    """For TFTP servers that do not follow symlinks: one regular file per node, same content."""
+    (fleet / "profiles/web.toml").write_text(PROFILE + 'mac_files = "copy"\n')
+    assert cli("rollout", "web@1").returncode == 0
+    cfg = fleet / "tftpboot/pxelinux.cfg"
+    g = _gen(cli, "web@1")
+    shared = (fleet / "tftpboot/imgstore/web" / g["gen_id"] / "pxelinux.cfg").read_bytes()
+    for name in ("default", "01-52-54-00-ab-cd-ef", "01-52-54-00-12-34-56"):
+        assert not (cfg / name).is_symlink() and (cfg / name).read_bytes() == shared
+    assert cli("rollout", "--canary", "www3", "web@2").returncode == 0
+    assert _booted(cfg / "01-52-54-00-12-34-56") == _gen(cli, "web@2")["gen_id"]
+    assert cli("status").returncode == 0
