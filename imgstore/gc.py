@@ -132,6 +132,9 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
                 d = p.tftp_root / pxelinux.gen_dir(p, g)
                 if d.is_dir():
                     shutil.rmtree(d)
+                cfg = p.tftp_root / pxelinux.gen_config(p, g)
+                if cfg.exists():
+                    cfg.unlink()
         faults.point("gc.after-trees")
         # 2. The database rows.
         if doomed:

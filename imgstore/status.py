@@ -117,7 +117,7 @@ def stale_configs(profiles: list[Profile], want: deploy.Desired) -> list[Drift]:
             if f in want.files or f in want.links or f.name.startswith("."):
                 continue
             if f.is_symlink():
-                ours = os.readlink(f).startswith("../imgstore/")
+                ours = os.readlink(f).startswith("imgstore/")
             elif f.is_file():
                 with open(f, "rb") as fh:
                     ours = fh.read(len(pxelinux.MARK)) == pxelinux.MARK.encode()
