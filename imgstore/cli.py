@@ -235,10 +235,11 @@ def generations_cmd(
     from rich.table import Table
 
     t = Table(title=None, box=None, header_style="bold")
-    for col in ("generation", "id", "date", "files", "size", "new", "kernel", "message"):
-        t.add_column(col, justify="right" if col in ("files", "size", "new") else "left")
+    for col in ("generation", "id", "date", "by", "files", "size", "new", "debian", "pkgs", "kernel", "message"):
+        t.add_column(col, justify="right" if col in ("files", "size", "new", "pkgs") else "left")
     for g in rows:
-        t.add_row(g.ref, g.short, when(g.created), f"{g.files:,}", human_bytes(g.size), human_bytes(g.new_bytes),
+        t.add_row(g.ref, g.short, when(g.created), f"{g.user}@{g.host}", f"{g.files:,}", human_bytes(g.size),
+                  human_bytes(g.new_bytes), g.meta.get("debian_version", "-"), str(g.meta.get("packages", "-")),
                   g.meta.get("kernel_version") or (g.kernel_name or "-"), g.message)
     if not rows:
         print("no generations yet; create one with: imgstore commit CHROOT --profile NAME")
