@@ -32,7 +32,9 @@ from .statcache import StatCache, cache_path
 from .store import Store
 
 RETRIES = 3
-WINDOW = 256  # files in flight between the walk and the writer
+BATCH_FILES = 64
+BATCH_BYTES = 4 << 20
+WINDOW = 8  # batches in flight between the walk and the writer
 
 
 @dataclass
@@ -157,26 +159,35 @@ def commit(
         _ = objects.index, objects.loose  # loaded before the worker threads look at them
         res_entries: list[Entry] = []
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
-        pending: deque[tuple[Found, Future[tuple[str, bytes | None, int, int]]]] = deque()
+        pending: deque[tuple[list[Found], Future[list[tuple[str, bytes | None, int, int]]]]] = deque()
         reader = _Reader(store)
+        batch: list[Found] = []
+        batch_bytes = 0
+
+        def read_batch(founds: list[Found]) -> list[tuple[str, bytes | None, int, int]]:
+            return [reader(f) for f in founds]
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                found, fut = pending.popleft()
-                digest, blob, nread, loose_new = fut.result()
-                found.entry.digest = digest
-                result["read_files"] += 1
-                result["read_bytes"] += nread
-                if loose_new:
+                founds, fut = pending.popleft()
+                for found, res in zip(founds, fut.result(), strict=True):
+                    take(found, res)
+
+        def take(found: Found, res: tuple[str, bytes | None, int, int]) -> None:
+            digest, blob, nread, loose_new = res
+            found.entry.digest = digest
+            result["read_files"] += 1
+            result["read_bytes"] += nread
+            if loose_new:
+                result["new_objects"] += 1
+                result["new_bytes"] += loose_new
+            if blob is not None:
+                added = objects.add_compressed(digest, nread, blob)
+                if added:
                     result["new_objects"] += 1
-                    result["new_bytes"] += loose_new
-                if blob is not None:
-                    added = objects.add_compressed(digest, nread, blob)
-                    if added:
-                        result["new_objects"] += 1
-                        result["new_bytes"] += added
-                cache.record(found.entry.path, found.ino, found.entry.size, found.entry.mtime_ns,
-                             found.ctime_ns, digest)
+                    result["new_bytes"] += added
+            cache.record(found.entry.path, found.ino, found.entry.size, found.entry.mtime_ns,
+                         found.ctime_ns, digest)
 
         try:
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -191,10 +202,18 @@ def commit(
                             e.digest = digest
                             cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, digest)
                         else:
-                            pending.append((found, pool.submit(reader, found)))
-                            drain(WINDOW)
+                            # Small files travel in batches: one task per file would cost more in thread
+                            # hand-offs than reading the file does.
+                            batch.append(found)
+                            batch_bytes += e.size
+                            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                                pending.append((batch, pool.submit(read_batch, batch)))
+                                batch, batch_bytes = [], 0
+                                drain(WINDOW)
                     if progress and len(res_entries) % 256 == 0:
                         progress(len(res_entries), result["bytes"])
+                if batch:
+                    pending.append((batch, pool.submit(read_batch, batch)))
                 drain(0)
             faults.point("commit.before-flush")
             objects.flush()
