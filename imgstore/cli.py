@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # help texts are plain: "[commit] exclude" and "[default: ...]" must show as written
 )
 profile_app = typer.Typer(help="List and show profiles (profiles/*.toml in the store).", no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
@@ -81,7 +81,13 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return os.fspath(o)
     if isinstance(o, bytes):
-        return os.fsdecode(o)
+        # JSON must be valid UTF-8: names that are not get the manifest's %XX escaping (docs/format.md).
+        try:
+            return o.decode("utf-8")
+        except UnicodeDecodeError:
+            from .manifest import escape
+
+            return escape(o).decode("ascii")
     if hasattr(o, "as_dict"):
         return o.as_dict()
     raise TypeError(type(o).__name__)
@@ -506,6 +512,12 @@ def run() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.{mod}":
                 raise
+    import signal
+
+    def _terminated(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temp files removed, exit code 130
+
+    signal.signal(signal.SIGTERM, _terminated)
     code, message = 0, ""
     try:
         rc = app(standalone_mode=False)
@@ -522,13 +534,12 @@ def run() -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+        # Typer may bundle its own copy of click, so match click's exceptions by shape, not by class.
+        if type(exc).__name__ == "Abort":
             code, message = 130, "aborted"
-        elif isinstance(exc, click.ClickException):
+        elif hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(int(getattr(exc, "exit_code")))  # noqa: B009
         elif os.environ.get("IMGSTORE_DEBUG"):
             raise
         else:

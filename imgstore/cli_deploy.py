@@ -152,14 +152,14 @@ def status(
 
     Examples: imgstore status ; imgstore status /srv/chroots/web -p web
     """
-    from . import status as status_mod
-
     store = open_store()
     if chroot is not None or profile is not None:
         from .cli_watch import show_chroot_status
 
         show_chroot_status(store, profile, chroot, json_out)
         return
+    from . import status as status_mod
+
     st = status_mod.status(store, store.profiles())
     if json_out:
         emit_json(st)

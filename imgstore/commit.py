@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,14 @@ def commit(
     no_kernel: bool = False,
     progress: Progress | None = None,
     wait: bool = True,
+    locked: bool = False,
+    source: str | None = None,
 ) -> CommitResult:
+    """Commit `chroot` as the profile's next generation (or return the latest if nothing changed).
+
+    `locked`: the caller already holds the store lock (import does, between extraction and commit).
+    `source`: what to record as the generation's origin instead of the chroot path.
+    """
     t0 = time.monotonic()
     profile = store.profile(profile_name)
     chroot = chroot.absolute()
@@ -152,7 +160,7 @@ def commit(
     entries_iter, report = scan(chroot, profile.excludes)
     _ = store.engine  # open and check the database before doing any work
 
-    with store_lock(store.root, "commit", wait):
+    with nullcontext() if locked else store_lock(store.root, "commit", wait):
         scan_started = time.time_ns()
         cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
         objects = store.objects
@@ -238,7 +246,7 @@ def commit(
             initrd_name = initrd.name
         elif i_entry is not None and not no_kernel:
             initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
-        if kernel_digest is None and not no_kernel:
+        if kernel_digest is None and not no_kernel and profile.require_kernel:
             raise NotFound(
                 f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
                 "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
@@ -263,7 +271,7 @@ def commit(
                     conn, profile=profile.name, gen_id=gen_id, manifest=manifest_digest, kernel=kernel_digest,
                     kernel_name=kernel_name, initrd=initrd_digest, initrd_name=initrd_name, append=profile.append,
                     created=time.time(), message=message, user=_user(), host=socket.gethostname(),
-                    source=os.fspath(chroot), files=result["files"], size=result["bytes"],
+                    source=source or os.fspath(chroot), files=result["files"], size=result["bytes"],
                     new_bytes=result["new_bytes"] + mnew + gnew,
                     meta=metadata.collect(chroot, by_path, kernel_name),
                 )

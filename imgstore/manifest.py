@@ -23,6 +23,7 @@ TYPES = frozenset((FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO))
 
 _UNSAFE = re.compile(rb"[^\x21-\x24\x26-\x2b\x2d-\x3c\x3e-\x7e]")  # escapes %, ',', '=', space, controls, 8-bit
 _ESCAPED = re.compile(rb"%([0-9A-F]{2})")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def escape(raw: bytes) -> bytes:
@@ -145,7 +146,7 @@ def _decode_line(line: bytes) -> Entry:
     if t == FILE:
         digest, _, flag = data.partition(b",")
         e.digest = digest.decode()
-        if len(e.digest) != 64 or not all(c in "0123456789abcdef" for c in e.digest):
+        if not _HEX64.fullmatch(e.digest):
             raise ValueError("bad content hash")
         e.sparse = flag == b"sparse"
     elif t in (SYMLINK, HARDLINK):

@@ -41,7 +41,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "root_link": (str, None),
         "serve_default": (bool, False),
         "nfs_server": (str, "10.0.0.1"),
-        "nfs_options": (str, "ro,actimeo=120"),
+        # actimeo=120, spelled out: the klibc nfsmount in Debian's initrd rejects "actimeo".
+        "nfs_options": (str, "ro,acregmin=120,acregmax=120,acdirmin=120,acdirmax=120"),
         "bootloader_dir": (str, ""),
         "mac_files": (str, "link"),
     },

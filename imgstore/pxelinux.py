@@ -61,7 +61,8 @@ def append_line(profile: Profile, gen: Generation, root: Path) -> str:
         nfs_server=profile.nfs_server, nfs_options=profile.nfs_options, root=os.fspath(root), gen=gen.gen_id,
         profile=profile.name, kernel=f"{d}/vmlinuz", initrd=f"{d}/initrd.img",
     )
-    return f"{text} imgstore.gen={gen.gen_id}".strip()
+    # imgstore.root tells the node's initrd whether to copy the NFS root into a tmpfs (docs/boot-server.md).
+    return f"{text} imgstore.root={profile.root_mode} imgstore.gen={gen.gen_id}".strip()
 
 
 def config(profile: Profile, gen: Generation, root: Path) -> bytes:

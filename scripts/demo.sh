@@ -45,7 +45,8 @@ tftp_root = "tftpboot"
 root_link = "netboot/root"
 serve_default = true
 nfs_server = "10.0.0.1"
-nfs_options = "ro,nolock,tcp,actimeo=120"
+# actimeo=120, spelled out: the klibc nfsmount in Debian's initrd rejects "actimeo".
+nfs_options = "ro,nolock,tcp,acregmin=120,acregmax=120,acdirmin=120,acdirmax=120"
 bootloader_dir = "/usr/lib/PXELINUX"
 TOML
 run imgstore commit "$chroot" --profile web -m "first image"
