@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import manifest
 from .checkout import CheckoutResult, Progress, check_objects, prepare_destination, restore
+from .durable import TMP_PREFIX, remove_tree
 from .errors import IntegrityError, NotFound, UsageError
 from .generations import Generation
 from .manifest import DIR, FILE, HARDLINK, Entry
@@ -57,7 +58,20 @@ def read_file(store: Store, gen: Generation, path: str) -> Iterator[bytes]:
 
 
 def checkout(store: Store, gen: Generation, dest: Path, progress: Progress | None = None) -> CheckoutResult:
+    """Build the tree under a temp name beside `dest` and rename it into place: a checkout that fails (a
+    damaged object found half-way, a full disk) leaves nothing behind."""
     es = entries(store, gen)
-    check_objects(store.objects, es)  # before the destination is touched
+    check_objects(store.objects, es)  # missing objects: fail before anything is created
     prepare_destination(dest)
-    return restore(store.objects, es, dest, progress, own=os.geteuid() == 0)
+    dest = dest.absolute()
+    staging = dest.with_name(f"{TMP_PREFIX}{dest.name}"[:255])
+    if os.path.lexists(staging):
+        remove_tree(staging)
+    os.mkdir(staging, 0o700)
+    try:
+        res = restore(store.objects, es, staging, progress, own=os.geteuid() == 0)
+        os.rename(staging, dest)  # replaces an empty directory, or creates the name
+    except BaseException:
+        remove_tree(staging)
+        raise
+    return res

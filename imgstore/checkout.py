@@ -40,18 +40,17 @@ def _proc(dirfd: int, name: bytes) -> bytes:
 
 
 def prepare_destination(dest: Path) -> None:
+    """Refuse a destination that exists and is not an empty directory (a checkout never merges)."""
     try:
-        st = os.lstat(dest)
+        os.lstat(dest)
     except FileNotFoundError:
         if not dest.parent.is_dir():
             raise UsageError(f"the parent of {dest} does not exist", "create it first") from None
-        os.mkdir(dest, 0o700)
         return
     if not os.path.isdir(dest) or os.path.islink(dest):
         raise Conflict(f"{dest} exists and is not a directory", "choose a new or empty directory")
     if os.listdir(dest):
         raise Conflict(f"{dest} exists and is not empty", "choose a new or empty directory")
-    _ = st
 
 
 def restore(

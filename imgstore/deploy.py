@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from . import faults, generations, nodes, pxelinux
-from .durable import TMP_PREFIX, fsync_dir
+from .durable import TMP_PREFIX, fsync_dir, write_atomic
 from .errors import ConfigError, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
@@ -242,7 +242,59 @@ def finish(store: Store, profile: Profile, change: Change) -> Change:
         want = desired(store, conn, [profile])
     faults.point("deploy.before-switch")
     change.written = apply(store, want)
+    _end_pending(store)
     return change
+
+
+# A command that dies between its database row and its visible switch must not be repeated by a re-run
+# (a second `rollback` would go back one step further). Before the row, it leaves a note of what it is
+# doing; the next deploy command under the lock completes that switch, and a re-run of the same
+# command then stops there.
+PENDING = "deploy-pending.json"
+
+
+def _begin_pending(store: Store, kind: str, profile: str, node: str | None) -> None:
+    from sqlalchemy import func
+
+    with store.engine.connect() as conn:
+        last = conn.execute(select(func.max(activations.c.id))).scalar() or 0
+    write_atomic(store.root / PENDING, json.dumps(
+        {"kind": kind, "profile": profile, "node": node, "after": last}).encode(), 0o600)
+
+
+def _end_pending(store: Store) -> None:
+    try:
+        os.unlink(store.root / PENDING)
+    except FileNotFoundError:
+        return
+    fsync_dir(store.root)
+
+
+def resume(store: Store, kind: str | None = None, node: str | None = None,
+           profile: str | None = None) -> Change | None:
+    """Complete an interrupted deploy command; return its Change if it is the one (kind, profile, node)."""
+    try:
+        note = json.loads((store.root / PENDING).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        _end_pending(store)  # a torn note cannot exist (written atomically); be safe anyway
+        return None
+    with store.engine.connect() as conn:
+        row = conn.execute(select(activations).where(
+            activations.c.id > note["after"], activations.c.profile == note["profile"])
+            .order_by(activations.c.id.desc()).limit(1)).first()
+    if row is None:  # it died before its row: nothing was decided, nothing to complete
+        _end_pending(store)
+        return None
+    p = store.profile(note["profile"])
+    with store.engine.connect() as conn:
+        to = generations.by_pk(conn, row._mapping["to_gen"]).ref if row._mapping["to_gen"] else None
+        frm = generations.by_pk(conn, row._mapping["from_gen"]).ref if row._mapping["from_gen"] else None
+    change = finish(store, p, Change(p.name, f"{note['kind']} (completed after an interruption)", frm, to,
+                                     json.loads(row._mapping["nodes"])))
+    same = note["kind"] == kind and note["node"] == node and (profile is None or note["profile"] == profile)
+    return change if same else None
 
 
 def rollout(store: Store, profile_name: str, ref: str | None = None, dry_run: bool = False,
@@ -250,6 +302,8 @@ def rollout(store: Store, profile_name: str, ref: str | None = None, dry_run: bo
     """Make GEN (default: latest) the profile's active generation; release canary pins equal to it."""
     profile = store.profile(profile_name)
     with store_lock(store.root, "rollout", wait):
+        if not dry_run:
+            resume(store)  # re-running a rollout is idempotent anyway: complete, then carry on
         with store.engine.connect() as conn:
             gen = _resolve(conn, profile, ref)
             cur = active(conn, profile.name)
@@ -263,6 +317,7 @@ def rollout(store: Store, profile_name: str, ref: str | None = None, dry_run: bo
         discard_stale(store)
         prepare(store, profile, gen, change.materialized)
         faults.point("rollout.before-row")
+        _begin_pending(store, "rollout", profile.name, None)
         with store.engine.begin() as conn:
             set_active(conn, profile.name, gen)
             for name in released:
@@ -281,6 +336,8 @@ def canary(store: Store, node_ref: str, ref: str | None = None, dry_run: bool = 
 def pin(store: Store, node_ref: str, ref: str | None, dry_run: bool = False, wait: bool = True,
         kind: str = "pin") -> Change:
     with store_lock(store.root, kind, wait):
+        if not dry_run:
+            resume(store)
         with store.engine.connect() as conn:
             node = nodes.get(conn, node_ref)
             profile = store.profile(node.profile)
@@ -291,6 +348,7 @@ def pin(store: Store, node_ref: str, ref: str | None, dry_run: bool = False, wai
             return change
         discard_stale(store)
         prepare(store, profile, gen, change.materialized)
+        _begin_pending(store, kind, profile.name, node.name)
         with store.engine.begin() as conn:
             nodes.set_pin(conn, node, gen.pk)
             record(conn, profile.name, kind, before, gen, node=node.name, moved=[node.name])
@@ -300,6 +358,12 @@ def pin(store: Store, node_ref: str, ref: str | None, dry_run: bool = False, wai
 def unpin(store: Store, node_ref: str, dry_run: bool = False, wait: bool = True, kind: str = "unpin") -> Change:
     """Let a node follow its profile's active generation again (rollback --node, unpin)."""
     with store_lock(store.root, kind, wait):
+        with store.engine.connect() as conn:
+            node = nodes.get(conn, node_ref)
+        if not dry_run:
+            done = resume(store, kind, node.name)
+            if done is not None:
+                return done
         with store.engine.connect() as conn:
             node = nodes.get(conn, node_ref)
             profile = store.profile(node.profile)
@@ -312,6 +376,7 @@ def unpin(store: Store, node_ref: str, dry_run: bool = False, wait: bool = True,
                         dry_run=dry_run)
         if dry_run:
             return change
+        _begin_pending(store, kind, profile.name, node.name)
         with store.engine.begin() as conn:
             nodes.set_pin(conn, node, None)
             record(conn, profile.name, kind, before, act, node=node.name, moved=[node.name])
@@ -347,6 +412,10 @@ def rollback(store: Store, profile_name: str, to: str | None = None, dry_run: bo
     """Return the profile to the generation active before (repeatable), or to GEN with --to."""
     profile = store.profile(profile_name)
     with store_lock(store.root, "rollback", wait):
+        if not dry_run:
+            done = resume(store, "rollback" if to is None else "rollback-to", None, profile.name)
+            if done is not None:
+                return done
         with store.engine.connect() as conn:
             cur = active(conn, profile.name)
             if to is not None:
@@ -366,6 +435,7 @@ def rollback(store: Store, profile_name: str, to: str | None = None, dry_run: bo
         discard_stale(store)
         prepare(store, profile, target, change.materialized)
         faults.point("rollback.before-row")
+        _begin_pending(store, "rollback" if to is None else "rollback-to", profile.name, None)
         with store.engine.begin() as conn:
             set_active(conn, profile.name, target)
             # --to behaves like a rollout to an older generation: it can itself be rolled back.
@@ -385,6 +455,7 @@ def sync(store: Store, profiles: list[Profile], dry_run: bool = False, wait: boo
         for profile, gen in want.gens.values():
             prepare(store, profile, gen, done, repair=True)
         written = apply(store, want)
+        _end_pending(store)  # whatever was interrupted is complete now
         from .status import stale_configs
 
         for d in stale_configs(profiles, want):

@@ -99,3 +99,17 @@ def remove_stale_temps(directory: StrPath) -> int:
     except FileNotFoundError:
         pass
     return n
+
+
+def remove_tree(path: StrPath) -> None:
+    """rm -rf that also works on trees with read-only directories (checkouts, materialized trees)."""
+    import shutil
+
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    if os.path.lexists(path) and not os.path.islink(path):
+        os.chmod(path, 0o700)
+    shutil.rmtree(path)

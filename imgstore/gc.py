@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import update
 
 from . import deploy, faults, generations, manifest, nodes, pxelinux
+from .durable import TMP_PREFIX
 from .errors import IntegrityError
 from .generations import Generation
 from .locking import store_lock
@@ -126,7 +127,11 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
             t = tree_path(store, g)
             if t.is_dir():
                 res.bytes_freed += _size(t)
-                _rmtree(t)
+                # Out of sight first (one rename), then deleted: killed half-way, gc leaves a temp tree the
+                # next command discards, never a partial tree under a generation's name.
+                doomed_tree = t.with_name(f"{TMP_PREFIX}gc-{t.name}")
+                os.rename(t, doomed_tree)
+                _rmtree(doomed_tree)
             p = profiles.get(g.profile)
             if p is not None:
                 d = p.tftp_root / pxelinux.gen_dir(p, g)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import blake3
@@ -21,7 +20,7 @@ import blake3
 from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _write_content, check_objects, restore
-from .durable import TMP_PREFIX, fsync_dir, no_space
+from .durable import TMP_PREFIX, fsync_dir, no_space, remove_tree
 from .generations import Generation
 from .manifest import Entry
 from .store import Store
@@ -63,14 +62,7 @@ def discard_stale(store: Store) -> list[str]:
 
 
 def _rmtree(p: Path) -> None:
-    # Trees are made read-only; give directories back their write bit so they can be removed.
-    for dirpath, dirnames, _ in os.walk(p):
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                os.chmod(full, 0o700)
-    os.chmod(p, 0o700)
-    shutil.rmtree(p)
+    remove_tree(p)
 
 
 def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:

@@ -381,3 +381,35 @@ def test_mac_files_as_copies(fleet: Path, cli: Cli) -> None:
     assert cli("rollout", "--canary", "www3", "web@2").returncode == 0
     assert _booted(cfg / "01-52-54-00-12-34-56") == _gen(cli, "web@2")["gen_id"]
     assert cli("status").returncode == 0
+
+
+def test_rerun_after_a_crash_between_row_and_switch_completes_not_repeats(fleet: Path, cli: Cli) -> None:
+    """A rollback killed after its database row: running it again finishes that rollback, it does not go
+    back one more step; the same for rollback --node (whose re-run would otherwise find no pin)."""
+    for ref in ("web@1", "web@2", "web@3"):
+        assert cli("rollout", ref).returncode == 0
+    www1 = fleet / "tftpboot/pxelinux.cfg/01-52-54-00-ab-cd-ef"
+    g = {n: _gen(cli, f"web@{n}")["gen_id"] for n in (1, 2, 3)}
+    r = cli("rollback", env={"IMGSTORE_FAULT": "deploy.before-switch:kill"})
+    assert r.returncode == -9
+    assert _booted(www1) == g[3]  # the switch never happened
+    assert cli("status").returncode == 8  # drift: the database says web@2
+    r = cli("rollback", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["to_ref"] == "web@2" and "completed" in json.loads(r.stdout)["action"]
+    assert _booted(www1) == g[2] and cli("status").returncode == 0
+    # The next rollback is a new one.
+    assert json.loads(cli("rollback", "--json").stdout)["to_ref"] == "web@1"
+
+    assert cli("pin", "www3", "web@3").returncode == 0
+    r = cli("rollback", "--node", "www3", env={"IMGSTORE_FAULT": "deploy.before-switch:kill"})
+    assert r.returncode == -9
+    r = cli("rollback", "--node", "www3")
+    assert r.returncode == 0, r.stderr
+    assert _booted(fleet / "tftpboot/pxelinux.cfg/01-52-54-00-12-34-56") == g[1]
+    # Killed before its row, nothing was decided: the re-run does the whole rollback.
+    assert cli("rollout", "web@3").returncode == 0
+    r = cli("rollback", env={"IMGSTORE_FAULT": "rollback.before-row:kill"})
+    assert r.returncode == -9 and _booted(www1) == g[3]
+    assert json.loads(cli("rollback", "--json").stdout)["to_ref"] == "web@1"
+    assert cli("status").returncode == 0
