@@ -33,7 +33,7 @@ def exchange(a: Path, b: Path) -> None:
 
 
 def adopt(store: Store, directory: Path, profile_name: str, message: str = "adopted",
-          kernel: Path | None = None, initrd: Path | None = None) -> dict[str, Any]:
+          kernel: Path | None = None, initrd: Path | None = None, wait: bool = True) -> dict[str, Any]:
     profile = store.profile(profile_name)
     directory = directory.absolute()
     if directory.is_symlink():
@@ -48,9 +48,9 @@ def adopt(store: Store, directory: Path, profile_name: str, message: str = "adop
     kept = directory.with_name(directory.name + ".pre-imgstore")
     if kept.exists():
         raise Conflict(f"{kept} already exists", "move it away first; adopt keeps the original there")
-    res = commit.commit(store, directory, profile.name, message, kernel, initrd)
+    res = commit.commit(store, directory, profile.name, message, kernel, initrd, wait=wait)
     gen = res.generation
-    with store_lock(store.root, "adopt"):
+    with store_lock(store.root, "adopt", wait):
         discard_stale(store)
         done: list[str] = []
         deploy.prepare(store, profile, gen, done)
@@ -64,7 +64,7 @@ def adopt(store: Store, directory: Path, profile_name: str, message: str = "adop
             cur = deploy.active(conn, profile.name)
             deploy.set_active(conn, profile.name, gen)
             deploy.record(conn, profile.name, "adopt", cur, gen)
-    change = deploy.Change(profile.name, "adopt", None, gen.ref)
-    deploy.finish(store, profile, change)
+        change = deploy.Change(profile.name, "adopt", None, gen.ref)
+        deploy.finish(store, profile, change)
     return {"generation": gen.ref, "id": gen.gen_id, "kept": os.fspath(kept), "target": os.fspath(target),
             "written": change.written}

@@ -44,21 +44,30 @@ def _version_key(name: bytes) -> list[tuple[int, int | bytes]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(rb"(\d+)", name) if p]
 
 
+def _boot_file(entries: Mapping[bytes, Entry], link: bytes) -> Entry | None:
+    """Follow Debian's top-level link, accepting only a file in /boot: a /vmlinuz pointing at
+    /etc/shadow must never publish it world-readable in the TFTP root."""
+    e = resolve(entries, link)
+    if e is None:
+        return None
+    return e if e.path.startswith(b"boot/") or e.path == link else None
+
+
 def find(entries: Mapping[bytes, Entry]) -> tuple[Entry | None, Entry | None]:
-    kernel = resolve(entries, b"vmlinuz")
-    initrd = resolve(entries, b"initrd.img")
+    kernel = _boot_file(entries, b"vmlinuz")
+    initrd = _boot_file(entries, b"initrd.img")
     if kernel is None:
         kernels = sorted(
             (p for p, e in entries.items() if p.startswith(b"boot/vmlinuz-") and e.type in (FILE, HARDLINK)),
             key=_version_key,
         )
         if kernels:
-            kernel = resolve(entries, kernels[-1])
+            kernel = _boot_file(entries, kernels[-1])
             if initrd is None:
                 version = kernels[-1][len(b"boot/vmlinuz-"):]
-                initrd = resolve(entries, b"boot/initrd.img-" + version)
+                initrd = _boot_file(entries, b"boot/initrd.img-" + version)
     if initrd is None:
         initrds = sorted((p for p in entries if p.startswith(b"boot/initrd.img-")), key=_version_key)
         if initrds:
-            initrd = resolve(entries, initrds[-1])
+            initrd = _boot_file(entries, initrds[-1])
     return kernel, initrd

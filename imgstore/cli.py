@@ -366,6 +366,7 @@ def checkout(
 @app.command()
 def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Mend what can be mended (see above).")] = False,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-hash every object, manifest and materialized tree; report what is missing or damaged and which
@@ -386,7 +387,7 @@ def verify(
     store = open_store()
     repaired: list[str] = []
     if repair:
-        with store_lock(store.root, "verify --repair"):
+        with store_lock(store.root, "verify --repair", not no_wait):
             repaired = verify_mod.verify(store, repair=True).repaired
             from . import audit
 
@@ -513,6 +514,10 @@ def run() -> None:
             if exc.name != f"{__package__}.{mod}":
                 raise
     import signal
+
+    # What imgstore creates must not depend on the operator's umask: the store is writable by its owner
+    # only, the TFTP root readable by everyone (tftpd drops privileges). Explicit modes do the rest.
+    os.umask(0o022)
 
     def _terminated(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temp files removed, exit code 130

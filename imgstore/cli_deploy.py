@@ -111,6 +111,7 @@ def pin(
     node: Annotated[str, typer.Argument(help="Node name or MAC.")],
     gen: Annotated[str, typer.Argument(help="Generation to boot from now on.")],
     dry_run: DryRun = False,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Pin a node to a generation, whatever its profile does.
@@ -119,13 +120,14 @@ def pin(
     """
     from . import deploy
 
-    _show_change(deploy.pin(open_store(), node, gen, dry_run), json_out)
+    _show_change(deploy.pin(open_store(), node, gen, dry_run, not no_wait), json_out)
 
 
 @app.command()
 def unpin(
     node: Annotated[str, typer.Argument(help="Node name or MAC.")],
     dry_run: DryRun = False,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Let a pinned node follow its profile's active generation again.
@@ -134,7 +136,7 @@ def unpin(
     """
     from . import deploy
 
-    _show_change(deploy.unpin(open_store(), node, dry_run), json_out)
+    _show_change(deploy.unpin(open_store(), node, dry_run, not no_wait), json_out)
 
 
 @app.command()
@@ -218,7 +220,7 @@ def history(
 
 
 @app.command()
-def sync(dry_run: DryRun = False, json_out: JsonOpt = False) -> None:
+def sync(dry_run: DryRun = False, no_wait: NoWait = False, json_out: JsonOpt = False) -> None:
     """Rewrite every root link, TFTP file and per-MAC config from the database (repairs drift).
 
     Example: imgstore sync
@@ -226,7 +228,7 @@ def sync(dry_run: DryRun = False, json_out: JsonOpt = False) -> None:
     from . import deploy
 
     store = open_store()
-    written = deploy.sync(store, store.profiles(), dry_run)
+    written = deploy.sync(store, store.profiles(), dry_run, not no_wait)
     from . import audit
 
     audit.note(detail=f"{len(written)} path(s) repaired")
@@ -242,6 +244,7 @@ def sync(dry_run: DryRun = False, json_out: JsonOpt = False) -> None:
 @app.command()
 def materialize(
     gen: Annotated[str, typer.Argument(help="Generation reference.")],
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Lay a generation out read-only at <store>/<id>-<profile>-rootfs (rollout does this itself).
@@ -257,7 +260,7 @@ def materialize(
 
     store = open_store()
     t0 = time.monotonic()
-    with store_lock(store.root, "materialize"):
+    with store_lock(store.root, "materialize", not no_wait):
         with store.engine.connect() as conn:
             g = generations.resolve(conn, gen)
         discard_stale(store)
@@ -278,6 +281,7 @@ def adopt(
     message: Annotated[str, typer.Option("--message", "-m")] = "adopted",
     kernel: Annotated[Optional[Path], typer.Option(help="Kernel the fleet boots today.")] = None,
     initrd: Annotated[Optional[Path], typer.Option(help="Initrd the fleet boots today.")] = None,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Turn an existing root directory into a first generation and put the managed symlink in its place.
@@ -287,7 +291,7 @@ def adopt(
     """
     from . import adopt as adopt_mod
 
-    res = adopt_mod.adopt(open_store(), directory, profile, message, kernel, initrd)
+    res = adopt_mod.adopt(open_store(), directory, profile, message, kernel, initrd, not no_wait)
     from . import audit
 
     audit.note(profile=profile, generation=res["generation"], detail=f"adopted {directory}")
@@ -347,10 +351,11 @@ def gc(
 
 # -- nodes ----------------------------------------------------------------------------------------
 def _node_change(store: Any, profile: str) -> list[str]:
-    """After a node is added or changed, write its per-MAC file if its profile has something active."""
+    """After a node is added or changed, write its per-MAC file if its profile has something active.
+    The caller holds the store lock."""
     from . import deploy
 
-    return deploy.sync(store, [store.profile(profile)])
+    return deploy.sync(store, [store.profile(profile)], locked=True)
 
 
 @node_app.command("add")
@@ -359,6 +364,7 @@ def node_add(
     mac: Annotated[str, typer.Option("--mac", help="aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF or aabb.ccdd.eeff")],
     profile: Annotated[str, typer.Option("--profile", "-p")],
     ip: Annotated[Optional[str], typer.Option("--ip")] = None,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Add a node.
@@ -370,12 +376,13 @@ def node_add(
 
     store = open_store()
     store.profile(profile)
-    with store_lock(store.root, "node add"), store.engine.begin() as conn:
-        n = nodes.add(conn, name, mac, ip, profile)
+    with store_lock(store.root, "node add", not no_wait):
+        with store.engine.begin() as conn:
+            n = nodes.add(conn, name, mac, ip, profile)
+        written = _node_change(store, profile)
     from . import audit
 
     audit.note(profile=profile, node=n.name, detail=f"{n.mac} {n.ip or ''}")
-    written = _node_change(store, profile)
     if json_out:
         emit_json({**n.as_dict(), "written": written})
     else:
@@ -436,6 +443,7 @@ def node_edit(
     mac: Annotated[Optional[str], typer.Option("--mac")] = None,
     ip: Annotated[Optional[str], typer.Option("--ip", help="New IP ('' clears it).")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", "-p")] = None,
+    no_wait: NoWait = False,
 ) -> None:
     """Change a node's MAC, IP or profile (a new MAC moves its per-MAC file).
 
@@ -447,22 +455,23 @@ def node_edit(
     store = open_store()
     if profile:
         store.profile(profile)
-    with store_lock(store.root, "node edit"), store.engine.begin() as conn:
-        old = nodes.get(conn, node)
-        new = nodes.edit(conn, old, mac, ip, profile)
+    with store_lock(store.root, "node edit", not no_wait):
+        with store.engine.begin() as conn:
+            old = nodes.get(conn, node)
+            new = nodes.edit(conn, old, mac, ip, profile)
+        if old.mac != new.mac or old.profile != new.profile:
+            stale = store.profile(old.profile).tftp_root / pxelinux.mac_file(old.mac)
+            if os.path.lexists(stale):
+                stale.unlink()
+        _node_change(store, new.profile)
     from . import audit
 
     audit.note(profile=new.profile, node=new.name, detail=f"{old.mac} -> {new.mac}, {old.ip} -> {new.ip}")
-    if old.mac != new.mac:
-        stale = store.profile(old.profile).tftp_root / pxelinux.mac_file(old.mac)
-        if stale.exists():
-            stale.unlink()
-    _node_change(store, new.profile)
     print(f"node {new.name}: {new.mac} {new.ip or '-'} {new.profile}")
 
 
 @node_app.command("rm")
-def node_rm(node: Annotated[str, typer.Argument(help="Name or MAC.")]) -> None:
+def node_rm(node: Annotated[str, typer.Argument(help="Name or MAC.")], no_wait: NoWait = False) -> None:
     """Remove a node and its per-MAC file (it falls back to pxelinux.cfg/default).
 
     Example: imgstore node rm www3
@@ -471,15 +480,16 @@ def node_rm(node: Annotated[str, typer.Argument(help="Name or MAC.")]) -> None:
     from .locking import store_lock
 
     store = open_store()
-    with store_lock(store.root, "node rm"), store.engine.begin() as conn:
-        n = nodes.get(conn, node)
-        nodes.remove(conn, n)
+    with store_lock(store.root, "node rm", not no_wait):
+        with store.engine.begin() as conn:
+            n = nodes.get(conn, node)
+            nodes.remove(conn, n)
+        f = store.profile(n.profile).tftp_root / pxelinux.mac_file(n.mac)
+        if os.path.lexists(f):
+            f.unlink()
     from . import audit
 
     audit.note(profile=n.profile, node=n.name, detail=str(n.mac))
-    f = store.profile(n.profile).tftp_root / pxelinux.mac_file(n.mac)
-    if f.exists():
-        f.unlink()
     print(f"removed node {n.name} ({n.mac})")
 
 
@@ -488,6 +498,7 @@ def node_import(
     conf: Annotated[Path, typer.Argument(help="An ISC dhcpd.conf with host blocks.")],
     profile: Annotated[str, typer.Option("--profile", "-p")],
     dry_run: DryRun = False,
+    no_wait: NoWait = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Adopt an existing fleet's host entries (hardware ethernet, fixed-address, host-name).
@@ -508,10 +519,11 @@ def node_import(
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not dry_run:
-        with store_lock(store.root, "node import-dhcpd"), store.engine.begin() as conn:
-            for h in hosts:  # all or nothing: one transaction
-                nodes.add(conn, h.name, str(h.mac), h.ip, profile)
-        _node_change(store, profile)
+        with store_lock(store.root, "node import-dhcpd", not no_wait):
+            with store.engine.begin() as conn:
+                for h in hosts:  # all or nothing: one transaction
+                    nodes.add(conn, h.name, str(h.mac), h.ip, profile)
+            _node_change(store, profile)
     if json_out:
         emit_json({"dry_run": dry_run, "nodes": [{"name": h.name, "mac": str(h.mac), "ip": h.ip} for h in hosts]})
     else:

@@ -23,7 +23,7 @@ from typing import Any
 import blake3
 
 from . import bootfiles, faults, generations, manifest, metadata
-from .errors import ChangedWhileReading, NotFound, UsageError
+from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, Entry
@@ -277,7 +277,14 @@ def commit(
                 )
                 created = True
         faults.point("commit.after-row")
-        cache.save(scan_started)
+        try:
+            cache.save(scan_started)
+        except (OSError, NoSpace) as exc:
+            # The generation exists; the cache only saves reading unchanged files next time.
+            import sys
+
+            print(f"imgstore: warning: the stat cache was not saved ({exc}); the next commit reads every file",
+                  file=sys.stderr)
 
     return CommitResult(
         generation=gen, created=created, entries=len(res_entries), skipped_mounts=report.skipped_mounts,

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -443,9 +444,12 @@ def rollback(store: Store, profile_name: str, to: str | None = None, dry_run: bo
         return finish(store, profile, change)
 
 
-def sync(store: Store, profiles: list[Profile], dry_run: bool = False, wait: bool = True) -> list[str]:
-    """Re-derive every visible file and link from the database and write what differs (drift repair)."""
-    with store_lock(store.root, "sync", wait):
+def sync(store: Store, profiles: list[Profile], dry_run: bool = False, wait: bool = True,
+         locked: bool = False) -> list[str]:
+    """Re-derive every visible file and link from the database and write what differs (drift repair).
+
+    `locked`: the caller holds the store lock already (node commands: change the row, then sync)."""
+    with nullcontext() if locked else store_lock(store.root, "sync", wait):
         with store.engine.connect() as conn:
             want = desired(store, conn, profiles)
         if dry_run:

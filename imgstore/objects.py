@@ -340,7 +340,10 @@ class PackWriter:
         return name
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()  # may flush into a full disk and fail again: the temp file goes regardless
+        except OSError:
+            pass
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:

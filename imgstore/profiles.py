@@ -76,13 +76,26 @@ class Profile:
 
 
 def _line_of(text: str, table: str, key: str) -> int:
+    """The line that sets table.key, in any spelling TOML allows: under [table], as a dotted or quoted key,
+    inside an inline table, or as a [table.key] / [[table.key]] header."""
+    q = r"""["']?"""
+    k, t = re.escape(key), re.escape(table)
+    header = re.compile(r"^\s*\[\[?\s*" + q + r"([^\]]*?)" + q + r"\s*\]\]?")
+    plain = re.compile(r"^\s*" + q + k + q + r"\s*=")
+    dotted = re.compile(r"^\s*" + q + t + q + r"\s*\.\s*" + q + k + q + r"\s*=")
+    inline = re.compile(r"^\s*" + q + t + q + r"\s*=\s*\{.*\b" + k + r"\b\s*=")
+    full = f"{table}.{key}" if table else key
     section = ""
     for n, line in enumerate(text.splitlines(), start=1):
-        s = line.strip()
-        m = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", s)
+        m = header.match(line)
         if m:
-            section = m.group(1)
-        elif section == table and re.match(rf"^{re.escape(key)}\s*=", s):
+            section = re.sub(r"""["'\s]""", "", m.group(1))
+            if section == full:
+                return n
+            continue
+        if section == table and plain.match(line):
+            return n
+        if table and section == "" and (dotted.match(line) or inline.match(line)):
             return n
     return 1
 
