@@ -68,21 +68,28 @@ def restore(
     """
     check_objects(objects, entries)
     root_fd = os.open(dest, DIR_FLAGS)
-    dirfds: dict[bytes, int] = {b".": root_fd}
-    dir_entries: list[Entry] = []
+    # Only the directories on the path to the current entry are open (the manifest is in depth-first
+    # order): a tree with thousands of directories must not need thousands of file descriptors. A
+    # directory gets its metadata when it is left: creating children changes its mtime.
+    stack: list[tuple[bytes, int, Entry]] = [(b".", root_fd, entries[0])]
     nfiles = nbytes = 0
     try:
-        for n, e in enumerate(entries, 1):
-            if e.path == b".":
-                dir_entries.append(e)
-                continue
+        for n, e in enumerate(entries[1:], 2):
             parent, _, name = e.path.rpartition(b"/")
-            pfd = dirfds[parent or b"."]
+            parent = parent or b"."
+            while stack[-1][0] != parent:
+                if len(stack) == 1:
+                    raise IntegrityError(f"manifest entry {e.path!r} is out of tree order", "run: imgstore verify")
+                _, fd, de = stack.pop()
+                try:
+                    _apply_fd(fd, de, own)
+                finally:
+                    os.close(fd)
+            pfd = stack[-1][1]
             try:
                 if e.type == DIR:
                     os.mkdir(name, 0o700, dir_fd=pfd)
-                    dirfds[e.path] = os.open(name, DIR_FLAGS, dir_fd=pfd)
-                    dir_entries.append(e)
+                    stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), e))
                     continue
                 if e.type == FILE and link_source is not None:
                     os.link(link_source(e), name, dst_dir_fd=pfd, follow_symlinks=False)
@@ -100,7 +107,12 @@ def restore(
                     nbytes += e.size
                 elif e.type == HARDLINK:
                     tparent, _, tname = e.target.rpartition(b"/")
-                    os.link(tname, name, src_dir_fd=dirfds[tparent or b"."], dst_dir_fd=pfd, follow_symlinks=False)
+                    sfd = open_dir(root_fd, tparent)
+                    try:
+                        os.link(tname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+                    finally:
+                        if sfd != root_fd:
+                            os.close(sfd)
                 elif e.type == SYMLINK:
                     os.symlink(e.target, name, dir_fd=pfd)
                     _apply_path(pfd, name, e, own, symlink=True)
@@ -110,20 +122,35 @@ def restore(
                     _apply_path(pfd, name, e, own, symlink=False)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise no_space(dest, exc) from exc
+                    raise no_space(dest, exc, sum(x.size for x in entries[n - 1:] if x.type == FILE)) from exc
                 raise
             if progress and n % 256 == 0:
                 progress(n, nbytes)
-        # Directories last, deepest first: creating children changes a directory's mtime.
-        for e in reversed(dir_entries):
-            fd = dirfds[e.path]
-            _apply_fd(fd, e, own)
+        while stack:
+            _, fd, de = stack.pop()
+            try:
+                _apply_fd(fd, de, own)
+            finally:
+                os.close(fd)
         if progress:
             progress(len(entries), nbytes)
     finally:
-        for fd in dirfds.values():
+        for _, fd, _ in stack:
             os.close(fd)
     return CheckoutResult(len(entries), nfiles, nbytes)
+
+
+def open_dir(root_fd: int, rel: bytes) -> int:
+    """Open a directory below root_fd one component at a time, following no symlink on the way."""
+    if rel in (b"", b"."):
+        return root_fd
+    fd = root_fd
+    for part in rel.split(b"/"):
+        nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        if fd != root_fd:
+            os.close(fd)
+        fd = nfd
+    return fd
 
 
 def check_objects(objects: ObjectStore, entries: Iterable[Entry]) -> None:

@@ -108,6 +108,13 @@ def err_console() -> Any:
     return Console(stderr=True)
 
 
+def shown(raw: bytes) -> str:
+    """A file name for a terminal: invalid UTF-8 as \\xNN, control characters (a newline that could fake
+    another line) as escapes; everything else as is."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -311,9 +318,9 @@ def ls(
     kinds = {"f": st.S_IFREG, "d": st.S_IFDIR, "l": st.S_IFLNK, "h": st.S_IFREG, "c": st.S_IFCHR,
              "b": st.S_IFBLK, "p": st.S_IFIFO}
     for e in items:
-        name = os.fsdecode(e.path).rsplit("/", 1)[-1]
+        name = shown(e.path.rsplit(b"/", 1)[-1])
         arrow = {"l": " -> ", "h": " => "}.get(e.type)
-        extra = f"{arrow}{os.fsdecode(e.target)}" if arrow else ""
+        extra = f"{arrow}{shown(e.target)}" if arrow else ""
         size = f"{e.rdev[0]},{e.rdev[1]}" if e.type in "cb" else str(e.size)
         print(f"{st.filemode(kinds[e.type] | e.mode)} {e.uid:>5} {e.gid:>5} {size:>10} "
               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.mtime_ns / 1e9))} {name!s}{extra}")

@@ -105,6 +105,9 @@ def remove_tree(path: StrPath) -> None:
     """rm -rf that also works on trees with read-only directories (checkouts, materialized trees)."""
     import shutil
 
+    if os.path.islink(path):
+        os.unlink(path)  # a symlink where a tree should be: remove the link, never what it points at
+        return
     for dirpath, dirnames, _ in os.walk(path):
         for d in dirnames:
             full = os.path.join(dirpath, d)

@@ -99,6 +99,7 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
         raise IntegrityError(f"{what} is not an imgstore manifest of a known version", "run: imgstore verify")
     entries: list[Entry] = []
     kinds: dict[bytes, str] = {}
+    open_dirs: list[bytes] = []  # the directories on the path to the previous entry: tree order
     for lineno, line in enumerate(data[len(HEADER):].split(b"\n"), start=2):
         if not line:
             continue
@@ -118,6 +119,14 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
                 )
         elif e.type != DIR:
             raise IntegrityError(f"{what}: the root entry is not a directory", "the manifest is hostile or damaged")
+        if e.path != b".":
+            parent = e.path.rpartition(b"/")[0] or b"."
+            while open_dirs and open_dirs[-1] != parent:
+                open_dirs.pop()
+            if not open_dirs:
+                raise IntegrityError(f"{what}: {e.path!r} is out of tree order", "the manifest is hostile or damaged")
+        if e.type == DIR:
+            open_dirs.append(e.path)
         if e.type == HARDLINK:
             check_path(e.target)
             if kinds.get(e.target) != FILE:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import blake3
@@ -22,7 +23,7 @@ from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _write_content, check_objects, restore
 from .durable import TMP_PREFIX, fsync_dir, no_space, remove_tree
 from .generations import Generation
-from .manifest import Entry
+from .manifest import FILE, Entry
 from .store import Store
 
 MAT = "mat"
@@ -68,13 +69,16 @@ def _rmtree(p: Path) -> None:
 def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
     """Return (tree path, whether it was created now). Idempotent; the store lock must be held."""
     final = tree_path(store, gen)
-    if final.is_dir():
+    if _is_real_dir(final):
         return final, False
+    if os.path.lexists(final):
+        # Not something materialize made (a planted symlink or file): never serve it, never follow it.
+        os.unlink(final)
     es = manifest_entries(store, gen)
     check_objects(store.objects, es)
-    (store.root / MAT).mkdir(exist_ok=True)
+    _real_dir(store.root / MAT)
     staging = store.root / f"{TMP_PREFIX}{gen.gen_id[:16]}-{gen.profile}-rootfs"
-    if staging.exists():
+    if os.path.lexists(staging):
         _rmtree(staging)
     os.mkdir(staging, 0o700)
     dirty: set[Path] = set()
@@ -89,24 +93,57 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
     except BaseException as exc:
         _rmtree(staging)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise no_space(store.root, exc) from exc
+            missing = sum(e.size for e in es if e.type == FILE and not _is_file(mat_path(store, mat_key(e))))
+            raise no_space(store.root, exc, missing) from exc
         raise
     return final, True
+
+
+def _is_real_dir(p: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(p).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _real_dir(p: Path) -> None:
+    """Make sure p is a directory of ours, not a symlink someone planted in its place."""
+    if os.path.lexists(p) and not _is_real_dir(p):
+        os.unlink(p)
+    os.makedirs(p, mode=0o755, exist_ok=True)
 
 
 def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
     """The shared read-only copy of this file's content with this metadata; created if missing."""
     path = mat_path(store, mat_key(e))
-    if path.exists():
+    if _is_file(path):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)  # a symlink planted in mat/ is never linked into a tree
+    _real_dir(path.parent.parent)
+    _real_dir(path.parent)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        _write_content(store.objects, fd, e)
-        _apply_fd(fd, e, own=os.geteuid() == 0)
-    finally:
-        os.close(fd)
+        try:
+            _write_content(store.objects, fd, e)
+            _apply_fd(fd, e, own=os.geteuid() == 0)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(path.parent, exc, e.size) from exc
+        raise
     faults.point("materialize.before-mat-rename")
     os.rename(tmp, path)
     dirty.add(path.parent)

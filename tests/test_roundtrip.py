@@ -138,30 +138,28 @@ def test_dedup_across_generations_and_profiles(store: Store, tmp_path: Path) -> 
 
 def test_file_changing_while_read_is_detected(store: Store, tmp_path: Path) -> None:
     """A writer that never stops: commit must fail naming the file, not store a torn copy."""
-    import threading
+    import subprocess
+    import sys
 
     tree = tmp_path / "tree"
     tree.mkdir()
     victim = tree / "growing.log"
     victim.write_bytes(b"x" * (4 << 20))
-    stop = threading.Event()
-
-    def writer() -> None:
-        with open(victim, "ab") as f:
-            while not stop.is_set():
-                f.write(b"y" * 4096)
-                f.flush()
-
-    t = threading.Thread(target=writer)
-    t.start()
+    # A separate process, so that it keeps writing whatever the commit's threads do with the GIL.
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nf = open(sys.argv[1], 'ab', buffering=0)\nwhile True:\n    f.write(b'y' * 4096)\n"
+    ), str(victim)])
     try:
+        import time
+
+        time.sleep(0.3)
         from imgstore.errors import ChangedWhileReading
 
         with pytest.raises(ChangedWhileReading, match="growing.log"):
             do_commit(store, tree)
     finally:
-        stop.set()
-        t.join()
+        writer.kill()
+        writer.wait()
     with store.engine.connect() as conn:
         assert generations.list_(conn) == []
 
