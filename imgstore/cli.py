@@ -543,11 +543,27 @@ def run() -> None:
         sys.exit(0)
     except PermissionError as exc:
         code, message = 1, f"permission denied: {exc.filename} (run as root, or use a store you own with --root)"
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .durable import no_space
+
+            err = no_space(exc.filename or state.root or ".", exc)
+            code, message = err.exit_code, str(err)
+        elif os.environ.get("IMGSTORE_DEBUG"):
+            raise
+        else:
+            where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
+            code, message = 1, f"{exc.strerror or exc}{where} (re-run with IMGSTORE_DEBUG=1 for a traceback)"
     except typer.Exit as exc:
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001
+        full = _database_full(exc)
         # Typer may bundle its own copy of click, so match click's exceptions by shape, not by class.
-        if type(exc).__name__ == "Abort":
+        if full is not None:
+            code, message = full.exit_code, str(full)
+        elif type(exc).__name__ == "Abort":
             code, message = 130, "aborted"
         elif hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
@@ -561,6 +577,18 @@ def run() -> None:
     if message:
         _fail(message, code)
     sys.exit(code)
+
+
+def _database_full(exc: Exception) -> ImgstoreError | None:
+    """A database write that failed for lack of space, wherever it happened."""
+    if state.store is None or "sqlalchemy" not in type(exc).__module__:
+        return None
+    from . import db
+
+    try:
+        return db.is_disk_full(state.store.engine, str(getattr(exc, "orig", exc)))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _audit(code: int, message: str) -> None:

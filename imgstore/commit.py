@@ -7,6 +7,7 @@ which gc removes; never a row that points at something missing.
 
 from __future__ import annotations
 
+import errno
 import getpass
 import os
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 import blake3
 
 from . import bootfiles, faults, generations, manifest, metadata
+from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
@@ -225,8 +227,16 @@ def commit(
                 drain(0)
             faults.point("commit.before-flush")
             objects.flush()
-        except BaseException:
+        except BaseException as exc:
             objects.abort()
+            if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
+                # upper bound), plus what was in flight.
+                rest = sum(f.entry.size for f in entries_iter if f.entry.type == FILE
+                           and not objects.has(cache.lookup(f.entry.path, f.ino, f.entry.size, f.entry.mtime_ns,
+                                                            f.ctime_ns) or "0" * 64))
+                inflight = sum(f.entry.size for founds, _ in pending for f in founds) + batch_bytes
+                raise no_space(store.root, None, rest + inflight) from exc
             raise
         if progress:
             progress(len(res_entries), result["bytes"])

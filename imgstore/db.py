@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 
-from .errors import StoreError
+from .errors import ImgstoreError, NoSpace, StoreError
 from .schema import HEAD
 
 
@@ -59,8 +59,11 @@ def current_revision(engine: Engine) -> str | None:
     return row[0] if row else None
 
 
-def database_error(engine: Engine, exc: Exception) -> StoreError:
+def database_error(engine: Engine, exc: Exception) -> ImgstoreError:
     reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+    full = is_disk_full(engine, reason)
+    if full is not None:
+        return full
     return StoreError(
         f"the database {engine.url.render_as_string(hide_password=True)} cannot be used: {reason}",
         "restore it from a backup, or see docs/troubleshooting.md (imgstore verify checks the objects)",
@@ -94,3 +97,21 @@ def check(engine: Engine, allow_upgrade: bool) -> None:
             "run: imgstore init (or restore the database from a backup)",
         )
     upgrade(engine)
+
+
+def is_disk_full(engine: Engine, reason: str) -> NoSpace | None:
+    """SQLite says "database or disk is full", or "disk I/O error" when its journal cannot grow: on a full
+    disk, both mean no space, and the advice must not be to restore a backup."""
+    db = engine.url.database
+    if not engine.url.get_backend_name().startswith("sqlite") or not db:
+        return None
+    folder = os.path.dirname(os.path.abspath(db))
+    try:
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    except OSError:
+        free = 0
+    if "full" in reason or ("disk I/O error" in reason and free < (4 << 20)):
+        from .durable import no_space
+
+        return no_space(db)
+    return None

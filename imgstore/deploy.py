@@ -11,6 +11,7 @@ command) repairs. Order: tree and TFTP files durable -> database row -> visible 
 from __future__ import annotations
 
 import ctypes
+import errno
 import getpass
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from . import faults, generations, nodes, pxelinux
-from .durable import TMP_PREFIX, fsync_dir, write_atomic
+from .durable import TMP_PREFIX, fsync_dir, no_space, write_atomic
 from .errors import ConfigError, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
@@ -162,17 +163,27 @@ def apply(store: Store, want: Desired) -> list[str]:
     written: list[str] = []
     temps: list[tuple[Path, Path]] = []
     dirs: set[Path] = set()
-    for path, content in changed:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, content)
-            os.fchmod(fd, 0o644)  # tftpd drops to nobody
-        finally:
-            os.close(fd)
-        temps.append((tmp, path))
-        dirs.add(path.parent)
+    try:
+        for path, content in changed:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            temps.append((tmp, path))
+            try:
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o644)  # tftpd drops to nobody
+            finally:
+                os.close(fd)
+            dirs.add(path.parent)
+    except OSError as exc:
+        for tmp, _ in temps:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(changed[0][0].parent, exc, sum(len(c) for _, c in changed)) from exc
+        raise
     if temps:
         for d in dirs:
             _syncfs(d)
@@ -202,7 +213,14 @@ def apply(store: Store, want: Desired) -> list[str]:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        os.symlink(target, tmp)
+        try:
+            os.symlink(target, tmp)
+        except OSError as exc:
+            for t, _ in link_temps:
+                os.unlink(t)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space(link.parent, exc) from exc
+            raise
         link_temps.append((tmp, link))
         link_dirs.add(link.parent)
     for tmp, link in link_temps:

@@ -35,10 +35,13 @@ def fsync_dir(path: StrPath) -> None:
         os.close(fd)
 
 
-def no_space(path: StrPath, exc: OSError, needed: int | None = None) -> NoSpace:
-    need = f"; about {needed / 1e6:.1f} MB more are needed" if needed else ""
+MIN_FREE = 1 << 20  # what any change needs at least: database journal pages, a config, a link
+
+
+def no_space(path: StrPath, exc: OSError | None = None, needed: int | None = None) -> NoSpace:
+    need = f"about {max(needed or 0, MIN_FREE) / 1e6:.1f} MB more are needed"
     return NoSpace(
-        f"no space left on the filesystem of {os.fspath(path)}{need}",
+        f"no space left on the filesystem of {os.fspath(path)}; {need}",
         "free space there (imgstore gc removes unneeded generations) and run the command again",
     )
 

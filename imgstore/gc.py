@@ -19,14 +19,14 @@ from sqlalchemy import update
 
 from . import deploy, faults, generations, manifest, nodes, pxelinux
 from .durable import TMP_PREFIX
-from .errors import IntegrityError
+from .errors import IntegrityError, NoSpace
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE
 from .materialize import MAT, _rmtree, discard_stale, tree_path
 from .objects import compressor, read_pack_index
 from .schema import generations as gen_table
-from .store import Store
+from .store import RESERVE, Store, make_reserve
 
 
 @dataclass
@@ -120,6 +120,10 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         res.kept = [g.ref for g in kept]
         if dry_run:
             return res
+        try:
+            os.unlink(store.root / RESERVE)  # room for gc's own writes, even on a full disk
+        except FileNotFoundError:
+            pass
         discard_stale(store)
         profiles = {p.name: p for p in store.profiles()}
         # 1. What others can see.
@@ -160,6 +164,7 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
                 if st.st_nlink == 1:
                     os.unlink(path)
                     res.bytes_freed += st.st_blocks * 512
+        make_reserve(store.root)
     return res
 
 
@@ -183,11 +188,14 @@ def _sweep_objects(store: Store, need: set[str], res: GcResult) -> None:
         size = path.stat().st_blocks * 512
         if live:
             # Copy the live objects into the open pack; the old pack goes only once they are durable.
-            for d, s in live:
-                data = objects.read(d.hex())
-                objects.index.pop(d, None)
-                objects.add_compressed(d.hex(), s.size, compressor().compress(data))
-            objects.flush()
+            try:
+                for d, s in live:
+                    data = objects.read(d.hex())
+                    objects.add_compressed(d.hex(), s.size, compressor().compress(data), force=True)
+                objects.flush()
+            except NoSpace:
+                objects.abort()  # no room to rewrite it now: keep the whole pack, nothing is lost
+                continue
             res.packs_rewritten += 1
         faults.point("gc.before-pack-delete")
         path.unlink()

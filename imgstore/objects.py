@@ -138,14 +138,19 @@ class ObjectStore:
         return False
 
     # -- writing ------------------------------------------------------------------------------
-    def add_compressed(self, digest: str, size: int, blob: bytes) -> int:
-        """Queue a small object, already compressed, into the open pack. Returns bytes newly stored."""
+    def add_compressed(self, digest: str, size: int, blob: bytes, force: bool = False) -> int:
+        """Queue a small object, already compressed, into the open pack. Returns bytes newly stored.
+
+        `force`: store it even if a pack has it (gc and repair rewrite objects out of a pack)."""
         with self._lock:
-            if self.has(digest):
+            if self.has(digest) and not (force and (self._writer is None or
+                                                    bytes.fromhex(digest) not in self._writer.pending)):
                 return 0
             if self._writer is None:
                 self._writer = PackWriter(self.pack_dir)
             self._writer.add(bytes.fromhex(digest), size, blob)
+            if force:
+                self.index.pop(bytes.fromhex(digest), None)  # the new pack's copy wins once it is durable
             if self._writer.offset >= PACK_MAX:
                 self._finish_pack()
             return len(blob)

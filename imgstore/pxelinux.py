@@ -9,11 +9,12 @@ root and drops to nobody, so it can follow neither symlinks that leave the root 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
-from .durable import TMP_PREFIX, fsync_dir
+from .durable import TMP_PREFIX, fsync_dir, no_space
 from .generations import Generation
 from .mac import MacAddress
 from .profiles import Profile
@@ -90,19 +91,28 @@ def config(profile: Profile, gen: Generation, root: Path) -> bytes:
 
 def place_file(src: Path, dest: Path) -> None:
     """Hardlink src to dest (a copy across filesystems), world-readable, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}")
-    if tmp.exists():
-        tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.copyfile(src, tmp)  # another filesystem: a copy
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(dest.parent, exc, os.path.getsize(src)) from exc
+        raise
 
 
 def install_bootloader(profile: Profile) -> list[str]:

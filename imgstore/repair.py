@@ -18,7 +18,7 @@ from pathlib import Path
 import blake3
 
 from . import manifest
-from .checkout import _apply_fd, _apply_path, _write_content
+from .checkout import _apply_fd, _apply_path, _write_content, open_dir
 from .errors import IntegrityError
 from .generations import Generation
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
@@ -40,11 +40,12 @@ class TreeProblem:
         return f"{self.generation}: /{self.path}: {self.what}"
 
 
-def _hash_file(path: bytes, cache: dict[tuple[int, int], str], st: os.stat_result) -> str:
+def _hash_file(dfd: int, name: bytes, cache: dict[tuple[int, int], str], st: os.stat_result) -> str:
     key = (st.st_dev, st.st_ino)
     if key not in cache:
         h = blake3.blake3()
-        with open(path, "rb") as f:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        with os.fdopen(fd, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         cache[key] = h.hexdigest()
@@ -55,37 +56,83 @@ def _meta(e: Entry) -> tuple[object, ...]:
     return (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs, e.target if e.type == SYMLINK else b"", e.rdev)
 
 
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def check_tree(store: Store, gen: Generation, entries: list[Entry], hashes: dict[tuple[int, int], str]
                ) -> list[TreeProblem]:
-    root = os.fsencode(tree_path(store, gen))
+    """Compare a materialized tree with its manifest, through directory fds only: nothing planted in the
+    tree (a symlink where a directory was) can make verify read outside the store, and deep paths work."""
     problems: list[TreeProblem] = []
     first_link: dict[bytes, Entry] = {e.path: e for e in entries if e.type == FILE}
-    expected = {e.path for e in entries}
-    for e in entries:
-        p = root if e.path == b"." else root + b"/" + e.path
-        name = os.fsdecode(e.path)
+    try:
+        root_fd = os.open(tree_path(store, gen), DIR_FLAGS)
+    except OSError:
+        return [TreeProblem(gen.ref, ".", "type")]
+    # The directories on the path to the current entry: (path, fd or None if not a real directory,
+    # names expected in it).
+    stack: list[tuple[bytes, int | None, set[bytes]]] = [(b".", root_fd, set())]
+
+    def leave() -> None:
+        path, fd, names = stack.pop()
+        if fd is None:
+            return
         try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            problems.append(TreeProblem(gen.ref, name, "missing"))
-            continue
-        want = first_link[e.target] if e.type == HARDLINK else e
-        if stat.S_IFMT(st.st_mode) != KINDS[want.type]:
-            problems.append(TreeProblem(gen.ref, name, "type"))
-            continue
-        actual = entry_from_stat(e.path, p, st)
-        if actual is None:
-            problems.append(TreeProblem(gen.ref, name, "type"))
-            continue
-        if _meta(actual) != _meta(want) or (want.type == FILE and st.st_size != want.size):
-            problems.append(TreeProblem(gen.ref, name, "metadata"))
-        if want.type == FILE and _hash_file(p, hashes, st) != want.digest:
-            problems.append(TreeProblem(gen.ref, name, "content"))
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            rel = os.path.relpath(os.path.join(dirpath, n), root)
-            if rel not in expected:
+            for extra in sorted({os.fsencode(n) for n in os.listdir(fd)} - names):
+                rel = extra if path == b"." else path + b"/" + extra
                 problems.append(TreeProblem(gen.ref, os.fsdecode(rel), "added"))
+        finally:
+            os.close(fd)
+
+    try:
+        for e in entries[1:]:
+            parent, _, name = e.path.rpartition(b"/")
+            parent = parent or b"."
+            while stack[-1][0] != parent:
+                leave()
+            pfd = stack[-1][1]
+            stack[-1][2].add(name)
+            rel = os.fsdecode(e.path)
+            if pfd is None:  # its directory is not a real directory: everything below is missing
+                problems.append(TreeProblem(gen.ref, rel, "missing"))
+                if e.type == DIR:
+                    stack.append((e.path, None, set()))
+                continue
+            want = first_link[e.target] if e.type == HARDLINK else e
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                problems.append(TreeProblem(gen.ref, rel, "missing"))
+                if e.type == DIR:
+                    stack.append((e.path, None, set()))
+                continue
+            if stat.S_IFMT(st.st_mode) != KINDS[want.type]:
+                problems.append(TreeProblem(gen.ref, rel, "type"))
+                if e.type == DIR:
+                    stack.append((e.path, None, set()))
+                continue
+            # Path-based reads go through the directory's fd link; the last component is not followed.
+            actual = entry_from_stat(e.path, b"/proc/self/fd/%d/%s" % (pfd, name), st)
+            if actual is None:
+                problems.append(TreeProblem(gen.ref, rel, "type"))
+                continue
+            if _meta(actual) != _meta(want) or (want.type == FILE and st.st_size != want.size):
+                problems.append(TreeProblem(gen.ref, rel, "metadata"))
+            if want.type == FILE and _hash_file(pfd, name, hashes, st) != want.digest:
+                problems.append(TreeProblem(gen.ref, rel, "content"))
+            if e.type == DIR:
+                stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), set()))
+        root_e = entries[0]
+        st = os.fstat(root_fd)
+        actual = entry_from_stat(b".", b"/proc/self/fd/%d" % root_fd, st)
+        if actual is None or _meta(actual) != _meta(root_e):
+            problems.append(TreeProblem(gen.ref, ".", "metadata"))
+        while stack:
+            leave()
+    finally:
+        for _, fd, _ in stack:
+            if fd is not None:
+                os.close(fd)
     return problems
 
 
@@ -182,17 +229,29 @@ def recover_objects(store: Store, digests: set[str], gens: list[Generation]) -> 
             es = manifest.decode(store.objects.read(g.manifest), f"manifest of {g.ref}")
         except IntegrityError:
             continue
-        root = tree_path(store, g)
+        try:
+            root_fd = os.open(tree_path(store, g), DIR_FLAGS)
+        except OSError:
+            continue
         for e in es:
             if e.type != FILE or e.digest not in digests or e.digest in found:
                 continue
-            src = root / os.fsdecode(e.path)
+            parent, _, name = e.path.rpartition(b"/")
             try:
-                with open(src, "rb") as f:
+                dfd = open_dir(root_fd, parent)
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+                finally:
+                    if dfd != root_fd:
+                        os.close(dfd)
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        continue
                     digest, _ = store.objects.put_stream(f)
             except OSError:
                 continue
             if digest == e.digest:
                 found[e.digest] = f"{g.ref}:/{os.fsdecode(e.path)}"
+        os.close(root_fd)
     store.objects.flush()
     return found

@@ -59,6 +59,7 @@ class Store:
 
             for src in sorted(Path(os.path.dirname(bundled.__file__ or "")).glob("*.toml")):
                 shutil.copyfile(src, root / "profiles" / src.name)
+        make_reserve(root)
         db_line = f'database = "{database}"\n' if database else ""
         write_atomic(
             root / CONFIG,
@@ -143,3 +144,31 @@ class Store:
         self.objects.close()
         if "engine" in self.__dict__:
             self.engine.dispose()
+
+
+RESERVE = "reserve"
+RESERVE_SIZE = 4 << 20
+
+
+def make_reserve(root: Path) -> bool:
+    """Keep a few MB of real blocks in the store that gc gives back first: on a filesystem that is 100%
+    full, gc still needs room for its database update. Returns whether the reserve exists now."""
+    path = root / RESERVE
+    if path.exists():
+        return True
+    tmp = root / f".imgstore-tmp-{RESERVE}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"imgstore: space kept for gc on a full disk; safe to delete in an emergency\n".ljust(
+                RESERVE_SIZE, b"\0"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        return False
