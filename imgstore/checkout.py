@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .durable import no_space
+from .durable import no_space, open_dir
 from .errors import Conflict, IntegrityError, UsageError
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
 from .objects import ObjectStore
@@ -138,19 +138,6 @@ def restore(
         for _, fd, _ in stack:
             os.close(fd)
     return CheckoutResult(len(entries), nfiles, nbytes)
-
-
-def open_dir(root_fd: int, rel: bytes) -> int:
-    """Open a directory below root_fd one component at a time, following no symlink on the way."""
-    if rel in (b"", b"."):
-        return root_fd
-    fd = root_fd
-    for part in rel.split(b"/"):
-        nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-        if fd != root_fd:
-            os.close(fd)
-        fd = nfd
-    return fd
 
 
 def check_objects(objects: ObjectStore, entries: Iterable[Entry]) -> None:

@@ -79,7 +79,8 @@ class _Reader:
         e = found.entry
         for _attempt in range(RETRIES):
             try:
-                fd = os.open(found.abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                with found.path() as p:
+                    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 raise ChangedWhileReading(
                     f"{os.fsdecode(found.abspath)} was removed while commit read it",

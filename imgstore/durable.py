@@ -119,3 +119,40 @@ def remove_tree(path: StrPath) -> None:
     if os.path.lexists(path) and not os.path.islink(path):
         os.chmod(path, 0o700)
     shutil.rmtree(path)
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+LONG_PATH = 3800  # below PATH_MAX (4096) with room for what callers append
+
+
+def open_dir(root_fd: int, rel: bytes) -> int:
+    """Open a directory below root_fd one component at a time, following no symlink on the way."""
+    if rel in (b"", b"."):
+        return root_fd
+    fd = root_fd
+    for part in rel.split(b"/"):
+        nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        if fd != root_fd:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+@contextmanager
+def short_path(abspath: bytes, root: bytes, rel: bytes) -> Iterator[bytes]:
+    """A path the kernel accepts for `abspath` (= root/rel), however long: past PATH_MAX it goes through
+    /proc/self/fd/<parent fd>/<name>, which resolves the parent by its fd and the name without following."""
+    if len(abspath) < LONG_PATH:
+        yield abspath
+        return
+    parent, _, name = rel.rpartition(b"/")
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        dfd = open_dir(root_fd, parent)
+        try:
+            yield b"/proc/self/fd/%d/%s" % (dfd, name)
+        finally:
+            if dfd != root_fd:
+                os.close(dfd)
+    finally:
+        os.close(root_fd)

@@ -18,7 +18,8 @@ from pathlib import Path
 import blake3
 
 from . import manifest
-from .checkout import _apply_fd, _apply_path, _write_content, open_dir
+from .checkout import _apply_fd, _apply_path, _write_content
+from .durable import open_dir
 from .errors import IntegrityError
 from .generations import Generation
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry

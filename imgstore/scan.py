@@ -12,8 +12,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from .durable import short_path
 from .errors import NotFound, UsageError
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
 
@@ -69,6 +71,11 @@ class Found:
     abspath: bytes
     ino: int = 0
     ctime_ns: int = 0
+    root: bytes = b""
+
+    def path(self) -> AbstractContextManager[bytes]:
+        """A usable path even past PATH_MAX (see durable.short_path)."""
+        return short_path(self.abspath, self.root, self.entry.path)
 
 
 @dataclass
@@ -143,9 +150,9 @@ def scan(
     return _walk(root_b, st, exclude_rx, report, on_dir), report
 
 
-def _list(absdir: bytes) -> list[bytes]:
+def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:
     try:
-        with os.scandir(absdir) as it:
+        with short_path(absdir, root, rel) as p, os.scandir(p) as it:
             return sorted(e.name for e in it)
     except FileNotFoundError:
         return []  # removed while we walk
@@ -179,7 +186,8 @@ def _walk(
             report.excluded += 1
             continue
         try:
-            st = os.lstat(abspath)
+            with short_path(abspath, root, rel) as p:
+                st = os.lstat(p)
         except FileNotFoundError:
             continue  # removed while we walk: it is simply not in this generation
         if st.st_dev != dev:
@@ -190,15 +198,16 @@ def _walk(
             if first is not None:
                 e = Entry(path=rel, type=HARDLINK, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
                           gid=st.st_gid, mtime_ns=st.st_mtime_ns, target=first)
-                yield Found(e, abspath, st.st_ino, st.st_ctime_ns)
+                yield Found(e, abspath, st.st_ino, st.st_ctime_ns, root)
                 continue
             links[st.st_ino] = rel
-        entry = entry_from_stat(rel, abspath, st)
+        with short_path(abspath, root, rel) as p:
+            entry = entry_from_stat(rel, p, st)
         if entry is None:
             report.skipped_sockets.append("/" + os.fsdecode(rel))
             continue
-        yield Found(entry, abspath, st.st_ino, st.st_ctime_ns)
+        yield Found(entry, abspath, st.st_ino, st.st_ctime_ns, root)
         if entry.type == DIR:
             if on_dir:
                 on_dir(rel)
-            stack.append((abspath, rel + b"/", iter(_list(abspath))))
+            stack.append((abspath, rel + b"/", iter(_list(abspath, root, rel))))

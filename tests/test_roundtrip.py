@@ -146,8 +146,10 @@ def test_file_changing_while_read_is_detected(store: Store, tmp_path: Path) -> N
     victim = tree / "growing.log"
     victim.write_bytes(b"x" * (4 << 20))
     # A separate process, so that it keeps writing whatever the commit's threads do with the GIL.
+    # Bounded: a few MB per second, at most 256 MB, however long the commit keeps retrying.
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys\nf = open(sys.argv[1], 'ab', buffering=0)\nwhile True:\n    f.write(b'y' * 4096)\n"
+        "import sys, time\nf = open(sys.argv[1], 'ab', buffering=0)\n"
+        "for _ in range(65536):\n    f.write(b'y' * 4096)\n    time.sleep(0.0005)\n"
     ), str(victim)])
     try:
         import time
