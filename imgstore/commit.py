@@ -164,6 +164,12 @@ def commit(
     _ = store.engine  # open and check the database before doing any work
 
     with nullcontext() if locked else store_lock(store.root, "commit", wait):
+        if not locked:
+            # What a killed command left behind is garbage now (only lock holders write temp files); a
+            # caller that holds the lock (import) may have staging of its own in the store.
+            from .materialize import discard_stale
+
+            discard_stale(store)
         scan_started = time.time_ns()
         cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
         objects = store.objects

@@ -422,7 +422,9 @@ def previous_active(conn: Connection, profile: str) -> Generation | None:
     while stack:
         pk = stack.pop()
         if pk is not None:
-            return generations.by_pk(conn, pk)
+            g = generations.by_pk(conn, pk)
+            if g.deleted is None:  # gc removed it: keep walking back
+                return g
     return None
 
 

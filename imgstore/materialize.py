@@ -21,7 +21,7 @@ import blake3
 from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _write_content, check_objects, restore
-from .durable import TMP_PREFIX, fsync_dir, no_space, remove_tree
+from .durable import TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree
 from .generations import Generation
 from .manifest import FILE, Entry
 from .store import Store
@@ -49,9 +49,17 @@ def discard_stale(store: Store) -> list[str]:
     """Remove temp trees and mat temp files; call with the store lock held (so nothing is writing them)."""
     gone = []
     for p in store.root.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.is_dir() and not p.is_symlink():
-            _rmtree(p)
+        if p.name.startswith(TMP_PREFIX):
+            if p.is_dir() and not p.is_symlink():
+                _rmtree(p)
+            else:
+                p.unlink()
             gone.append(p.name)
+    # Temp packs and loose objects of a killed commit, temp stat caches.
+    for folder in ("packs", "objects", "cache"):
+        n = remove_stale_temps(store.root / folder)
+        if n:
+            gone.append(f"{folder}/ ({n} temp files)")
     mat = store.root / MAT
     if mat.is_dir():
         for sub in mat.iterdir():

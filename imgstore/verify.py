@@ -19,7 +19,7 @@ from typing import Any
 import blake3
 
 from . import generations, manifest
-from .durable import TMP_PREFIX
+from .durable import TMP_PREFIX, remove_tree
 from .errors import IntegrityError
 from .generations import Generation
 from .manifest import FILE
@@ -236,8 +236,12 @@ def _repair(store: Store, rep: VerifyReport, bad_packs: list[str]) -> None:
             rep.repaired.append(f"object {hexd[:16]}: moved to quarantine/")
     for prob in rep.problems:
         if prob.kind == "temp":
+            path = store.root / prob.what
             try:
-                os.unlink(store.root / prob.what)
+                if path.is_dir() and not path.is_symlink():
+                    remove_tree(path)
+                else:
+                    os.unlink(path)
                 rep.repaired.append(f"removed {prob.what}")
             except FileNotFoundError:
                 pass
