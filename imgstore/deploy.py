@@ -70,30 +70,45 @@ def effective(conn: Connection, node: Node, act: Generation | None) -> Generatio
 
 
 def desired(store: Store, conn: Connection, profiles: list[Profile]) -> Desired:
+    """What the visible state should be. Links are applied in the order they are added here: first each
+    profile's own links (what following nodes resolve through), then the per-node names, so that a node
+    whose name moves from a pin to following its profile never passes through an older generation."""
     d = Desired()
+    per_node: list[tuple[Path, str]] = []
 
-    def boot(p: Profile, g: Generation, name: str) -> None:
+    configs: dict[tuple[str, int], bytes] = {}
+
+    def boot(p: Profile, g: Generation, name: str, follows: bool) -> None:
         d.gens[g.pk] = (p, g)
-        cfg = pxelinux.config(p, g, tree_path(store, g))
-        d.files[p.tftp_root / pxelinux.gen_config(p, g)] = cfg
-        # Per-node names are symlinks to the generation's config: flipping a symlink frees no data blocks,
-        # which on this kind of filesystem is 100x cheaper than replacing a file (docs/format.md).
-        if p.mac_files == "link":
-            d.links[p.tftp_root / name] = pxelinux.link_target(p, g)
-        else:
+        cfg = configs.get((p.name, g.pk))
+        if cfg is None:
+            cfg = configs[p.name, g.pk] = pxelinux.config(p, g, tree_path(store, g))
+            d.files[p.tftp_root / pxelinux.gen_config(p, g)] = cfg
+        # Per-node names are symlinks: to the profile's link when the node follows the profile (a rollout
+        # renames that one link for all of them), else to the generation's config. Flipping a symlink frees
+        # no data blocks, which on this kind of filesystem is 100x cheaper than replacing a file
+        # (docs/format.md).
+        if p.mac_files == "copy":
             d.files[p.tftp_root / name] = cfg
+        elif follows:
+            per_node.append((p.tftp_root / name, pxelinux.follow_target(p)))
+        else:
+            per_node.append((p.tftp_root / name, pxelinux.link_target(p, g)))
 
     for p in profiles:
         act = active(conn, p.name)
         if act is not None:
             d.gens[act.pk] = (p, act)
+            if p.mac_files == "link":
+                d.links[p.tftp_root / pxelinux.profile_link(p)] = pxelinux.link_target(p, act).rsplit("/", 1)[1]
             d.links[p.root_link] = os.fspath(tree_path(store, act))
             if p.serve_default:
-                boot(p, act, pxelinux.default_file())
+                boot(p, act, pxelinux.default_file(), follows=True)
         for n in nodes.list_(conn, p.name):
             g = effective(conn, n, act)
             if g is not None:
-                boot(p, g, pxelinux.mac_file(n.mac))
+                boot(p, g, pxelinux.mac_file(n.mac), follows=n.pinned is None)
+    d.links.update(sorted(per_node))
     return d
 
 
@@ -196,7 +211,7 @@ def apply(store: Store, want: Desired) -> list[str]:
     faults.point("apply.before-link")
     link_temps: list[tuple[Path, Path]] = []
     link_dirs: set[Path] = set()
-    for link, target in sorted(want.links.items()):
+    for link, target in want.links.items():  # in order: see desired()
         try:
             if os.readlink(link) == target:
                 continue
@@ -223,10 +238,14 @@ def apply(store: Store, want: Desired) -> list[str]:
             raise
         link_temps.append((tmp, link))
         link_dirs.add(link.parent)
-    for tmp, link in link_temps:
+    synced: set[Path] = set()
+    for i, (tmp, link) in enumerate(link_temps):
         os.rename(tmp, link)  # the name is never missing: the new link replaces the old one
         written.append(os.fspath(link))
-    for d in link_dirs:
+        if i + 1 == len(link_temps) or link_temps[i + 1][1].parent != link.parent:
+            fsync_dir(link.parent)  # durable before the next directory's links, which may resolve through it
+            synced.add(link.parent)
+    for d in link_dirs - synced:
         fsync_dir(d)
     return written
 

@@ -142,7 +142,7 @@ def test_tftp_files_are_hardlinks_world_readable_never_symlinks(fleet: Path, cli
                 assert os.path.realpath(p).startswith(root + "/"), p
             assert os.stat(p).st_mode & 0o004, p  # readable by nobody
             assert not os.stat(p).st_mode & 0o002, p  # writable by nobody else
-    assert links == 3  # default and two per-MAC names
+    assert links == 4  # the profile's link, default and two per-MAC names
     # Nothing from inside the rootfs leaks into the TFTP root.
     assert not any("motd" in fs for _, _, fs in os.walk(fleet / "tftpboot"))
 
@@ -218,7 +218,7 @@ def test_drift_detected_and_repaired(fleet: Path, cli: Cli) -> None:
     tftp = fleet / "tftpboot"
     www1 = tftp / "pxelinux.cfg/01-52-54-00-ab-cd-ef"
     # A hand edit through the per-MAC link changes the generation's shared config ...
-    shared_cfg = Path(os.readlink(www1)).name
+    shared_cfg = Path(os.path.realpath(www1)).name
     www1.write_text(www1.read_text().replace("TIMEOUT 0", "TIMEOUT 50"))
     default = tftp / "pxelinux.cfg/default"
     text = default.read_text()
@@ -412,4 +412,31 @@ def test_rerun_after_a_crash_between_row_and_switch_completes_not_repeats(fleet:
     r = cli("rollback", env={"IMGSTORE_FAULT": "rollback.before-row:kill"})
     assert r.returncode == -9 and _booted(www1) == g[3]
     assert json.loads(cli("rollback", "--json").stdout)["to_ref"] == "web@1"
+    assert cli("status").returncode == 0
+
+
+def test_profile_rollout_renames_one_link_whatever_the_node_count(fleet: Path, cli: Cli) -> None:
+    """Following nodes resolve through pxelinux.cfg/imgstore/profile-web; a rollout flips only that link."""
+    cfg = fleet / "tftpboot/pxelinux.cfg"
+    www1, www3 = cfg / "01-52-54-00-ab-cd-ef", cfg / "01-52-54-00-12-34-56"
+    assert cli("rollout", "web@2").returncode == 0
+    assert os.readlink(www1) == os.readlink(www3) == os.readlink(cfg / "default") == "imgstore/profile-web"
+    key2 = os.readlink(cfg / "imgstore/profile-web")
+    assert f"web@2 {_gen(cli, 'web@2')['gen_id']}" in (cfg / "imgstore" / key2).read_text()
+    inodes = {p: p.lstat().st_ino for p in (www1, www3, cfg / "default")}
+    r = cli("rollout", "web@3", "--json")
+    assert r.returncode == 0, r.stderr
+    change = json.loads(r.stdout)
+    assert sorted(change["nodes_moved"]) == ["www1", "www3"]
+    key3 = os.readlink(cfg / "imgstore/profile-web")
+    # web@3's shared config (new), the profile's link and the root link: nothing per node.
+    assert {Path(w).name for w in change["written"]} == {key3, "profile-web", "root"}
+    assert {p: p.lstat().st_ino for p in inodes} == inodes  # the per-node names were not touched
+    assert f"web@3 {_gen(cli, 'web@3')['gen_id']}" in www1.read_text()
+    # A canary is pinned to its generation's config directly; released, it follows the profile again.
+    assert cli("rollout", "--canary", "www3", "web@2").returncode == 0
+    assert os.readlink(www3) == f"imgstore/{key2}" and www3.read_text() != www1.read_text()
+    assert os.readlink(www1) == "imgstore/profile-web"
+    assert cli("rollback", "--node", "www3").returncode == 0
+    assert os.readlink(www3) == "imgstore/profile-web" and www3.read_text() == www1.read_text()
     assert cli("status").returncode == 0
