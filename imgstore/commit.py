@@ -295,7 +295,8 @@ def commit(
                 created = True
         faults.point("commit.after-row")
         try:
-            cache.save(scan_started)
+            if result["read_files"] or not cache.unchanged:  # a no-op commit writes nothing
+                cache.save(scan_started)
         except (OSError, NoSpace) as exc:
             # The generation exists; the cache only saves reading unchanged files next time.
             import sys

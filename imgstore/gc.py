@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
@@ -26,7 +27,7 @@ from .manifest import FILE
 from .materialize import MAT, _rmtree, discard_stale, tree_path
 from .objects import compressor, read_pack_index
 from .schema import generations as gen_table
-from .store import RESERVE, Store, make_reserve
+from .store import RESERVE, RESERVE_SIZE, Store, make_reserve
 
 
 @dataclass
@@ -83,6 +84,18 @@ def needed_objects(store: Store, gens: list[Generation]) -> set[str]:
     return need
 
 
+def _nearly_full(root: Path) -> bool:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize < 2 * RESERVE_SIZE
+
+
+def _release_reserve(root: Path) -> None:
+    try:
+        os.unlink(root / RESERVE)
+    except FileNotFoundError:
+        pass
+
+
 def missing_objects(store: Store) -> list[str]:
     """Generations that reference a missing object (a quick presence check, not a re-hash)."""
     bad = []
@@ -103,6 +116,10 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
        force: bool = False, wait: bool = True) -> GcResult:
     res = GcResult(dry_run=dry_run)
     with store_lock(store.root, "gc", wait):
+        if not dry_run and _nearly_full(store.root):
+            # Even opening the database needs room (SQLite's -wal and -shm files): give the reserve back
+            # first. It is made again at the end, from space gc freed.
+            _release_reserve(store.root)
         if not force:
             bad = missing_objects(store)
             if bad:
@@ -120,10 +137,7 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         res.kept = [g.ref for g in kept]
         if dry_run:
             return res
-        try:
-            os.unlink(store.root / RESERVE)  # room for gc's own writes, even on a full disk
-        except FileNotFoundError:
-            pass
+        _release_reserve(store.root)  # room for gc's own writes, even on a full disk
         discard_stale(store)
         profiles = {p.name: p for p in store.profiles()}
         # 1. What others can see.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from .durable import write_atomic
 
-MAGIC = b"imgstore-statcache 1\n"
+MAGIC = b"imgstore-statcache 2\n"  # then one zstd frame of marshal((root, scan start, rows))
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
-Row = tuple[int, int, int, int, str]  # ino, size, mtime_ns, ctime_ns, digest
+Row = tuple[int, int, int, int, bytes]  # ino, size, mtime_ns, ctime_ns, raw BLAKE3 digest
 
 
 class StatCache:
@@ -32,10 +32,12 @@ class StatCache:
         try:
             data = path.read_bytes()
             if data.startswith(MAGIC):
-                saved_root, started, rows = marshal.loads(data[len(MAGIC):])
+                from .objects import decompressor
+
+                saved_root, started, rows = marshal.loads(decompressor().decompress(data[len(MAGIC):]))
                 if saved_root == root and isinstance(rows, dict):
                     return cls(path, root, started - MARGIN_NS, rows)
-        except (OSError, ValueError, EOFError, TypeError):
+        except Exception:  # noqa: BLE001
             pass  # a missing or unreadable cache only costs a full read
         return cls(path, root, 0, {})
 
@@ -44,15 +46,23 @@ class StatCache:
         if row is None or ctime_ns >= self.trusted_before_ns:
             return None
         if row[0] == ino and row[1] == size and row[2] == mtime_ns and row[3] == ctime_ns:
-            return row[4]
+            return row[4].hex()
         return None
 
     def record(self, rel: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: str) -> None:
-        self.new[rel] = (ino, size, mtime_ns, ctime_ns, digest)
+        self.new[rel] = (ino, size, mtime_ns, ctime_ns, bytes.fromhex(digest))
+
+    @property
+    def unchanged(self) -> bool:
+        """Every file was found in the cache as it was: saving would only move the trust horizon."""
+        return self.new == self.rows and bool(self.rows)
 
     def save(self, scan_started_ns: int) -> None:
+        from .objects import compressor
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, MAGIC + marshal.dumps((self.root, scan_started_ns, self.new)), 0o600)
+        data = compressor().compress(marshal.dumps((self.root, scan_started_ns, self.new)))
+        write_atomic(self.path, MAGIC + data, 0o600)
 
 
 def cache_path(store_root: Path, profile: str, chroot: str) -> Path:

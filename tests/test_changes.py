@@ -209,3 +209,24 @@ def test_nasty_tree_unchanged_then_odd_names_renamed(store: Store, tmp_path: Pat
     assert set(k["removed"]) == {"/names/\\xff\\xfe-latin1-\\xe9", "/names/new\\x0aline"}
     assert k["metadata"] == {"/names": ("mtime",)} and not k["modified"]
     json.dumps(rep.as_dict())  # printable as JSON whatever the names
+
+
+def test_noop_commit_writes_nothing_and_a_changed_file_rewrites_the_cache(store: Store, tmp_path: Path) -> None:
+    from imgstore.statcache import MAGIC, StatCache, cache_path
+
+    tree = _committed(store, tmp_path)
+    path = cache_path(store.root, "t", os.fspath(tree))
+    assert path.read_bytes().startswith(MAGIC)
+    before = disk_state(store.root)
+    again = commit.commit(store, tree, "t", "again", no_kernel=True)
+    assert not again.created and again.read_files == 0
+    assert disk_state(store.root) == before  # no-op: the stat cache is not rewritten either
+    (tree / "etc/motd").write_text("changed\n")
+    changed = commit.commit(store, tree, "t", "changed", no_kernel=True)
+    assert changed.created and changed.read_files == 1
+    cache = StatCache.load(path, os.fspath(tree))
+    digest = cache.rows[b"etc/motd"][4]
+    assert isinstance(digest, bytes) and len(digest) == 32
+    # A cache from an older format (or damaged) is ignored: the next commit reads everything, and works.
+    path.write_bytes(b"imgstore-statcache 1\n" + b"\x00garbage")
+    assert commit.commit(store, tree, "t", "after", no_kernel=True).read_files > 20
