@@ -565,9 +565,11 @@ def run() -> None:
             code, message = full.exit_code, str(full)
         elif type(exc).__name__ == "Abort":
             code, message = 130, "aborted"
-        elif hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(int(getattr(exc, "exit_code")))  # noqa: B009
+        elif type(exc).__name__ == "NoArgsIsHelpError":
+            getattr(exc, "show")()  # noqa: B009  `imgstore` or `imgstore node` alone: the help on stderr, exit 2
+            sys.exit(2)
+        elif hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            code, message = getattr(exc, "exit_code"), _click_message(exc)  # noqa: B009
         elif os.environ.get("IMGSTORE_DEBUG"):
             raise
         else:
@@ -577,6 +579,43 @@ def run() -> None:
     if message:
         _fail(message, code)
     sys.exit(code)
+
+
+def _click_message(exc: Exception) -> str:
+    """click's own error (unknown option or command, missing argument, bad value) as one line; for a usage
+    error, naming the help of the command the user typed."""
+    text = shown(os.fsencode(str(getattr(exc, "format_message")())))  # noqa: B009  one line, whatever was typed
+    if not any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+        return text
+    ctx, names = getattr(exc, "ctx", None), []
+    if ctx is None:  # some parse errors (an option's missing value) come without the command's context
+        names = _typed_command(sys.argv[1:])
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return f"{text.removesuffix('.')}; see '{' '.join(['imgstore', *names])} --help'"
+
+
+def _typed_command(args: list[str]) -> list[str]:
+    """The command and subcommand names at the start of a command line (`node add`), skipping options and
+    their values."""
+    cmd: Any = typer.main.get_command(app)
+    names: list[str] = []
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            break
+        if word.startswith("-"):
+            opt = next((p for p in cmd.params if word in (*p.opts, *getattr(p, "secondary_opts", ()))), None)
+            if opt is not None and not getattr(opt, "is_flag", False) and not getattr(opt, "count", False):
+                next(words, None)  # its value
+            continue
+        sub = getattr(cmd, "commands", {}).get(word)
+        if sub is None:
+            break
+        names.append(word)
+        cmd = sub
+    return names
 
 
 def _database_full(exc: Exception) -> ImgstoreError | None:

@@ -499,8 +499,6 @@ GC_ROLLBACK = ("Plain `rollback` walks the activation history back to a generati
                "keeps only the first rollback target); it then fails with \"the manifest of web@N is missing (run: "
                "imgstore verify)\", exit 6, naming the wrong cause. Nothing is changed. The soak used `rollback "
                "--to` instead.")
-VERIFY_RACE = ("`verify` running while gc deletes objects reports them missing (exit 6) or fails on a vanished "
-               "pack (exit 1, unexpected FileNotFoundError): verify takes no lock; the store was whole afterwards.")
 
 
 # ===================================================================================================
@@ -829,11 +827,8 @@ class Soak:
         problems = check_store(self.root, self.cache)
         self.lost("after concurrent commands", problems)
         for f in result["failures"]:
-            # verify takes no lock: if the store is whole afterwards, what it saw was gc at work.
-            if f.startswith("verify") and not problems:
-                self.t.known[VERIFY_RACE] += 1
-            else:
-                self.violation(f"concurrent {f}")
+            # verify takes no lock, but confirms what it finds against a fresh look: gc at work is no failure.
+            self.violation(f"concurrent {f}")
         r = cli(self.root, "status")
         if r.returncode != 0:
             self.violation(f"drift after concurrent commands: {r.stdout.strip()[-300:]}")

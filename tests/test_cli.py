@@ -191,3 +191,49 @@ def test_ambiguous_number_without_profile(ready: Path, tmp_path: Path, cli: Cli)
     _assert_clean_failure(cli("show", "1"), 2, "needs a profile")
     assert json.loads(cli("show", "1", "-p", "other", "--json").stdout)["profile"] == "other"
     _ = os
+
+
+USAGE_ERRORS: list[tuple[tuple[str, ...], list[str]]] = [
+    # unknown option: of the program, of a command, of a subcommand
+    (("--bogus",), ["No such option: --bogus", "see 'imgstore --help'"]),
+    (("commit", "--bogus"), ["No such option: --bogus", "see 'imgstore commit --help'"]),
+    (("node", "add", "www9", "--colour"), ["No such option: --colour", "see 'imgstore node add --help'"]),
+    (("generations", "--json=yes"), ["'--json' does not take a value", "see 'imgstore generations --help'"]),
+    # missing argument, and an option without its value (click gives no context for that one)
+    (("show",), ["Missing argument 'ref'", "see 'imgstore show --help'"]),
+    (("profile", "show"), ["Missing argument 'name'", "see 'imgstore profile show --help'"]),
+    (("-R", "somewhere", "commit", "-p"), ["'-p' requires an argument", "see 'imgstore commit --help'"]),
+    (("--root",), ["'--root' requires an argument", "see 'imgstore --help'"]),
+    (("profile", "show", "web", "extra"), ["unexpected extra argument", "see 'imgstore profile show --help'"]),
+    # bad option value
+    (("gc", "--keep", "many"), ["Invalid value for '--keep'", "see 'imgstore gc --help'"]),
+    (("log", "--limit", "x"), ["Invalid value for '--limit'", "see 'imgstore log --help'"]),
+    # unknown command, and unknown subcommand
+    (("comit",), ["No such command 'comit'", "see 'imgstore --help'"]),
+    (("node", "ad"), ["No such command 'ad'", "see 'imgstore node --help'"]),
+    # what was typed cannot add a line
+    (("--bo\ngus",), ["No such option: --bo\\x0agus", "see 'imgstore --help'"]),
+]
+
+
+def test_usage_errors_are_one_line_and_change_nothing(ready: Path, tmp_path: Path, cli: Cli) -> None:
+    """click's own errors (unknown option or command, missing argument, bad value): one line naming the
+    help of the command as typed, exit code 2, no usage box, nothing written."""
+    store = tmp_path / "store"
+    before = disk_state(store)
+    for args, words in USAGE_ERRORS:
+        r = cli(*args)
+        _assert_clean_failure(r, 2, "imgstore: error: ", *words)
+        assert r.stderr.startswith("imgstore: error: ") and r.stderr.endswith(" --help'\n"), (args, r.stderr)
+        assert "Usage:" not in r.stderr and r.stdout == "", (args, r.stderr)
+    assert disk_state(store) == before
+
+
+def test_help_without_a_command(cli: Cli) -> None:
+    r = cli("--help")
+    assert r.returncode == 0 and "Commands" in r.stdout and r.stderr == ""
+    for args in ((), ("node",), ("profile",)):
+        r = cli(*args)
+        assert r.returncode == 2 and "Commands" in r.stderr and "imgstore: error" not in r.stderr, args
+    r = cli("commit", "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import Cli, write_profile
 
-from imgstore import browse, commit
+from imgstore import browse, commit, faults
 from imgstore.errors import IntegrityError
 from imgstore.store import Store
 
@@ -151,3 +157,102 @@ def test_repair_quarantines_then_recommit_restores(store: Store, tmp_path: Path,
     assert r.returncode == 0, r.stderr
     r = cli("verify")
     assert r.returncode == 0, r.stdout
+
+
+# -- verify takes no lock: gc may remove generations and objects under it --------------------------------
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "T"
+
+
+def _verify_held_at(root: Path, point: str) -> subprocess.Popen[str]:
+    """`imgstore verify --json`, started and paused (SIGSTOP) at one of imgstore.faults.PAUSE_POINTS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IMGSTORE_FAULT", "IMGSTORE_DEBUG")}
+    env.update(IMGSTORE_ROOT=os.fspath(root), IMGSTORE_FAULT=f"{point}:stop")
+    p = subprocess.Popen([sys.executable, "-m", "imgstore", "verify", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not _stopped(p.pid):
+        if p.poll() is not None:
+            out, err = p.communicate()
+            raise AssertionError(f"verify never reached {point}: {out}{err}")
+        assert time.monotonic() < deadline, f"verify did not reach {point}"
+        time.sleep(0.01)
+    return p
+
+
+def _resume(p: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str]:
+    os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    return p.returncode, json.loads(out), err
+
+
+RACE_POINTS = ["verify.after-listing", "verify.after-objects", "verify.after-tree-listing"]
+
+
+def test_every_pause_point_is_listed_and_raced() -> None:
+    import re
+
+    in_code = set()
+    for f in (Path(__file__).parent.parent / "imgstore").glob("*.py"):
+        in_code |= set(re.findall(r'faults\.pause_point\("([^"]+)"\)', f.read_text()))
+    assert in_code == set(faults.PAUSE_POINTS) == set(RACE_POINTS)
+
+
+@pytest.mark.parametrize("point", RACE_POINTS)
+def test_verify_racing_gc_reports_only_what_live_generations_need(tmp_path: Path, cli: Cli, point: str) -> None:
+    """gc removes generations (trees, then rows, then objects, rewriting packs that hold both live and dead
+    objects) while verify is paused at `point`: verify must not report what gc just removed, but a truly
+    missing object of a generation gc kept must still be reported."""
+    assert cli("init").returncode == 0
+    root = tmp_path / "store"
+    write_profile(root, "t", "[commit]\ndefault_excludes = false\nrequire_kernel = false\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "shared").write_bytes(b"in every generation " * 50)
+    n = 0
+
+    def commit_next() -> None:
+        nonlocal n
+        n += 1
+        for old in tree.glob("unique-*"):
+            old.unlink()
+        for old in tree.glob(f"small-{n - 2}"):
+            old.unlink()
+        (tree / f"unique-{n}").write_bytes(os.urandom(2 << 20))  # a loose object only this generation has
+        # In this generation's pack and needed by the next one too: gc rewrites the pack, keeping it.
+        (tree / f"small-{n}").write_bytes(b"small %d " % n * 20)
+        r = cli("commit", tree, "-p", "t", "--no-kernel")
+        assert r.returncode == 0, r.stderr
+
+    def race(damage: bool) -> tuple[int, dict[str, Any], str, str]:
+        for _ in range(3):
+            commit_next()
+        if point == "verify.after-tree-listing":
+            for i in (n - 2, n - 1, n):
+                assert cli("materialize", f"t@{i}").returncode == 0
+        digest = ""
+        if damage:  # the loose object only the generation gc keeps has, deleted for real
+            listing = json.loads(cli("ls", f"t@{n}", "/", "--json").stdout)
+            digest = next(e["digest"] for e in listing if e["path"] == f"unique-{n}")
+            (root / "objects" / digest[:2] / digest).unlink()
+        packs_before = set((root / "packs").iterdir())
+        p = _verify_held_at(root, point)
+        try:
+            r = cli("gc", "--keep", "1", *(["--force"] if damage else []), "--json")
+        finally:
+            rc, rep, err = _resume(p)
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["removed"]) >= 2
+        assert packs_before - set((root / "packs").iterdir()), "gc rewrote no pack: the test races nothing"
+        return rc, rep, err, digest
+
+    rc, rep, err, _ = race(damage=False)
+    assert rc == 0 and rep["ok"], (rep, err)
+    assert [p for p in rep["problems"] if p["kind"] != "temp"] == []
+
+    rc, rep, err, digest = race(damage=True)
+    assert rc == 6 and not rep["ok"], rep
+    bad = [(p["kind"], p["what"], p["generations"]) for p in rep["problems"] if p["kind"] != "temp"]
+    assert bad == [("missing", digest, [f"t@{n}"])], bad
