@@ -59,7 +59,7 @@ def restore(
     dest: Path,
     progress: Progress | None = None,
     own: bool = True,
-    link_source: Callable[[Entry], Path] | None = None,
+    link_source: Callable[[Entry], str | Path] | None = None,
 ) -> CheckoutResult:
     """Create every entry under `dest`, which must exist and be empty.
 

@@ -76,6 +76,19 @@ def write_atomic(target: StrPath, data: bytes, mode: int = 0o644, sync_dir: bool
         f.write(data)
 
 
+def syncfs(path: StrPath) -> None:
+    """Everything written to path's filesystem durable, data and metadata, with one syncfs(2): far cheaper
+    than an fsync per file for thousands of small files (and than sync(2), which waits for every disk)."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
 def replace_symlink(link: StrPath, target: str, sync_dir: bool = True) -> None:
     """Point `link` at `target` by renaming a new symlink over it: the link never disappears."""
     link = Path(link)

@@ -21,7 +21,7 @@ import blake3
 from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _write_content, check_objects, restore
-from .durable import TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree
+from .durable import TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
 from .generations import Generation
 from .manifest import FILE, Entry
 from .store import Store
@@ -60,13 +60,9 @@ def discard_stale(store: Store) -> list[str]:
         n = remove_stale_temps(store.root / folder)
         if n:
             gone.append(f"{folder}/ ({n} temp files)")
-    mat = store.root / MAT
-    if mat.is_dir():
-        for sub in mat.iterdir():
-            for f in sub.iterdir() if sub.is_dir() else []:
-                if f.name.startswith(TMP_PREFIX):
-                    f.unlink()
-                    gone.append(f"{MAT}/{sub.name}/{f.name}")
+    n = remove_stale_temps(store.root / MAT)
+    if n:
+        gone.append(f"{MAT}/ ({n} temp files)")
     return gone
 
 
@@ -91,11 +87,10 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
     os.mkdir(staging, 0o700)
     dirty: set[Path] = set()
     try:
-        restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: ensure_mat(store, e, dirty))
+        sources = _fill_mat(store, es, dirty)
+        restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
         faults.point("materialize.before-sync")
-        for d in sorted(dirty):
-            fsync_dir(d)
-        os.sync()  # the whole tree, durably, before it becomes visible (cheaper than one fsync per file)
+        syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
         os.rename(staging, final)
         fsync_dir(store.root)
     except BaseException as exc:
@@ -128,16 +123,60 @@ def _real_dir(p: Path) -> None:
     os.makedirs(p, mode=0o755, exist_ok=True)
 
 
-def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
+WORKERS = 2  # decompressing and creating files release the GIL: one thread per core
+
+
+def _fill_mat(store: Store, es: list[Entry], dirty: set[Path]) -> dict[int, str]:
+    """Make sure every file's shared copy exists (the missing ones made in worker threads) and return
+    {id(entry): its path}, so that restore() only links."""
+    sources: dict[int, str] = {}
+    todo: dict[str, Entry] = {}
+    base = os.fspath(store.root / MAT)
+    for e in es:
+        if e.type != FILE:
+            continue
+        key = mat_key(e)
+        path = sources[id(e)] = f"{base}/{key[:2]}/{key}"
+        if key not in todo:
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+            except FileNotFoundError:
+                pass
+            todo[key] = e
+    if not todo:
+        return sources
+    _real_dir(store.root / MAT)
+    for sub in {key[:2] for key in todo}:
+        _real_dir(store.root / MAT / sub)
+    if len(todo) < 4 * WORKERS:
+        for e in todo.values():
+            ensure_mat(store, e, dirty, dirs_ready=True)
+        return sources
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
+        for _ in pool.map(lambda e: ensure_mat(store, e, dirty, dirs_ready=True), todo.values()):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error (a full disk, say) the queued copies are not tried
+    return sources
+
+
+def ensure_mat(store: Store, e: Entry, dirty: set[Path], dirs_ready: bool = False) -> Path:
     """The shared read-only copy of this file's content with this metadata; created if missing."""
     path = mat_path(store, mat_key(e))
     if _is_file(path):
         return path
     if os.path.lexists(path):
         os.unlink(path)  # a symlink planted in mat/ is never linked into a tree
-    _real_dir(path.parent.parent)
-    _real_dir(path.parent)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    if not dirs_ready:
+        _real_dir(path.parent.parent)
+        _real_dir(path.parent)
+    # Temp copies live in mat/ itself, not in its 256 subfolders: finding a killed command's leftovers
+    # is then one listing, which every commit does.
+    tmp = path.parent.parent / f"{TMP_PREFIX}{path.name}"
     if os.path.lexists(tmp):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

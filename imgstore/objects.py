@@ -233,7 +233,10 @@ class ObjectStore:
     def _fd(self, pack: str) -> int:
         fd = self._fds.get(pack)
         if fd is None:
-            fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            new = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._fds.setdefault(pack, new)  # readers in several threads: one fd per pack
+            if fd != new:
+                os.close(new)
         return fd
 
     def close(self) -> None:
