@@ -31,6 +31,9 @@ LOOSE_MIN = 1 << 20  # contents this size or larger get their own file
 PACK_MAX = 256 << 20
 CHUNK = 1 << 20
 LEVEL = 3
+# Contents of 1 MiB or more (libraries, binaries: a fifth of a rootfs's bytes, a dozen files) compress
+# 6% smaller at level 6 for 60% more time on them alone; the many small files stay at 3.
+LOOSE_LEVEL = 6
 
 PACK_MAGIC = b"IMGPACK1"
 INDEX_MAGIC = b"IMGPKIDX"
@@ -44,6 +47,13 @@ def compressor() -> zstandard.ZstdCompressor:
     c: zstandard.ZstdCompressor | None = getattr(_local, "c", None)
     if c is None:
         c = _local.c = zstandard.ZstdCompressor(level=LEVEL)
+    return c
+
+
+def loose_compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "lc", None)
+    if c is None:
+        c = _local.lc = zstandard.ZstdCompressor(level=LOOSE_LEVEL)
     return c
 
 
@@ -172,7 +182,7 @@ class ObjectStore:
         h = blake3.blake3(max_threads=1)
         try:
             with open(tmp, "xb") as out:
-                writer = compressor().stream_writer(out, closefd=False)
+                writer = loose_compressor().stream_writer(out, closefd=False)
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     writer.write(chunk)

@@ -147,7 +147,7 @@ class Store:
 
 
 RESERVE = "reserve"
-RESERVE_SIZE = 1 << 20  # room for the database update of gc on a full disk (tests/test_diskfull.py)
+RESERVE_SIZE = 256 << 10  # room for gc's database update on a full disk (tests/test_diskfull.py)
 
 
 def make_reserve(root: Path) -> bool:
