@@ -31,9 +31,11 @@ LOOSE_MIN = 1 << 20  # contents this size or larger get their own file
 PACK_MAX = 256 << 20
 CHUNK = 1 << 20
 LEVEL = 3
-# Contents of 1 MiB or more (libraries, binaries: a fifth of a rootfs's bytes, a dozen files) compress
-# 6% smaller at level 6 for 60% more time on them alone; the many small files stay at 3.
+# Contents of 1 to 64 MiB (libraries, binaries: a fifth of a rootfs's bytes, a dozen files) compress
+# 6% smaller at level 6 for 60% more time on them alone; the many small files, and images of many GB
+# (which would take minutes more), stay at 3.
 LOOSE_LEVEL = 6
+LOOSE_LEVEL_MAX = 64 << 20
 
 PACK_MAGIC = b"IMGPACK1"
 INDEX_MAGIC = b"IMGPKIDX"
@@ -50,7 +52,9 @@ def compressor() -> zstandard.ZstdCompressor:
     return c
 
 
-def loose_compressor() -> zstandard.ZstdCompressor:
+def loose_compressor(size: int | None) -> zstandard.ZstdCompressor:
+    if size is None or size >= LOOSE_LEVEL_MAX:
+        return compressor()
     c: zstandard.ZstdCompressor | None = getattr(_local, "lc", None)
     if c is None:
         c = _local.lc = zstandard.ZstdCompressor(level=LOOSE_LEVEL)
@@ -182,7 +186,7 @@ class ObjectStore:
         h = blake3.blake3(max_threads=1)
         try:
             with open(tmp, "xb") as out:
-                writer = loose_compressor().stream_writer(out, closefd=False)
+                writer = loose_compressor(_size_of(src)).stream_writer(out, closefd=False)
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     writer.write(chunk)
@@ -300,6 +304,14 @@ class ObjectStore:
         if slot is not None:
             return f"packs/{slot.pack}.pack"
         return os.fspath(self.loose_path(digest).relative_to(self.root))
+
+
+def _size_of(src: BinaryIO) -> int | None:
+    try:
+        return os.fstat(src.fileno()).st_size
+    except (OSError, AttributeError, ValueError):  # io.BytesIO has no file descriptor
+        getbuffer = getattr(src, "getbuffer", None)
+        return getbuffer().nbytes if getbuffer is not None else None
 
 
 def damaged(digest: str, why: str) -> IntegrityError:
