@@ -85,9 +85,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
     if os.path.lexists(staging):
         _rmtree(staging)
     os.mkdir(staging, 0o700)
-    dirty: set[Path] = set()
     try:
-        sources = _fill_mat(store, es, dirty)
+        sources = _fill_mat(store, es)
         restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
         faults.point("materialize.before-sync")
         syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
@@ -123,12 +122,9 @@ def _real_dir(p: Path) -> None:
     os.makedirs(p, mode=0o755, exist_ok=True)
 
 
-WORKERS = 2  # decompressing and creating files release the GIL: one thread per core
-
-
-def _fill_mat(store: Store, es: list[Entry], dirty: set[Path]) -> dict[int, str]:
-    """Make sure every file's shared copy exists (the missing ones made in worker threads) and return
-    {id(entry): its path}, so that restore() only links."""
+def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
+    """Make sure every file's shared copy exists and return {id(entry): its path}, so that restore() only
+    links. (Two worker threads made no difference here: creating files is bound by the filesystem.)"""
     sources: dict[int, str] = {}
     todo: dict[str, Entry] = {}
     base = os.fspath(store.root / MAT)
@@ -149,37 +145,34 @@ def _fill_mat(store: Store, es: list[Entry], dirty: set[Path]) -> dict[int, str]
     _real_dir(store.root / MAT)
     for sub in {key[:2] for key in todo}:
         _real_dir(store.root / MAT / sub)
-    if len(todo) < 4 * WORKERS:
-        for e in todo.values():
-            ensure_mat(store, e, dirty, dirs_ready=True)
-        return sources
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(WORKERS)
-    try:
-        for _ in pool.map(lambda e: ensure_mat(store, e, dirty, dirs_ready=True), todo.values()):
-            pass
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error (a full disk, say) the queued copies are not tried
+    for key, e in todo.items():
+        _make_mat(store, e, f"{base}/{key[:2]}/{key}", f"{base}/{TMP_PREFIX}{key}")
     return sources
 
 
-def ensure_mat(store: Store, e: Entry, dirty: set[Path], dirs_ready: bool = False) -> Path:
+def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
     """The shared read-only copy of this file's content with this metadata; created if missing."""
     path = mat_path(store, mat_key(e))
     if _is_file(path):
         return path
     if os.path.lexists(path):
         os.unlink(path)  # a symlink planted in mat/ is never linked into a tree
-    if not dirs_ready:
-        _real_dir(path.parent.parent)
-        _real_dir(path.parent)
-    # Temp copies live in mat/ itself, not in its 256 subfolders: finding a killed command's leftovers
-    # is then one listing, which every commit does.
-    tmp = path.parent.parent / f"{TMP_PREFIX}{path.name}"
-    if os.path.lexists(tmp):
+    _real_dir(path.parent.parent)
+    _real_dir(path.parent)
+    _make_mat(store, e, os.fspath(path), os.fspath(path.parent.parent / f"{TMP_PREFIX}{path.name}"))
+    dirty.add(path.parent)
+    return path
+
+
+def _make_mat(store: Store, e: Entry, path: str, tmp: str) -> None:
+    """Write the copy under a temp name in mat/ itself (not in its 256 subfolders: finding a killed
+    command's leftovers is then one listing, which every commit does), then rename it into place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:  # left by a killed command
         os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, flags, 0o600)
     try:
         try:
             _write_content(store.objects, fd, e)
@@ -189,9 +182,7 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path], dirs_ready: bool = Fals
     except BaseException as exc:
         os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise no_space(path.parent, exc, e.size) from exc
+            raise no_space(os.path.dirname(path), exc, e.size) from exc
         raise
     faults.point("materialize.before-mat-rename")
     os.rename(tmp, path)
-    dirty.add(path.parent)
-    return path
