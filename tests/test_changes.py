@@ -225,8 +225,8 @@ def test_noop_commit_writes_nothing_and_a_changed_file_rewrites_the_cache(store:
     changed = commit.commit(store, tree, "t", "changed", no_kernel=True)
     assert changed.created and changed.read_files == 1
     cache = StatCache.load(path, os.fspath(tree))
-    digest = cache.rows[b"etc/motd"][4]
-    assert isinstance(digest, bytes) and len(digest) == 32
+    row = cache.rows[b"etc/motd"]
+    assert isinstance(row, bytes) and len(row) == 32 + 32  # four 8-byte stat fields and the raw digest
     # A cache from an older format (or damaged) is ignored: the next commit reads everything, and works.
-    path.write_bytes(b"imgstore-statcache 1\n" + b"\x00garbage")
+    path.write_bytes(b"imgstore-statcache 2\n" + b"\x00garbage")
     assert commit.commit(store, tree, "t", "after", no_kernel=True).read_files > 20
