@@ -11,7 +11,7 @@ def main() -> None:
 
         print(f"imgstore {__version__}")
         return
-    from .cli import run
+    from .cli_run import run
 
     run()
 
