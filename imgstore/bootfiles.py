@@ -58,7 +58,7 @@ def find(entries: Mapping[bytes, Entry]) -> tuple[Entry | None, Entry | None]:
     initrd = _boot_file(entries, b"initrd.img")
     if kernel is None:
         kernels = sorted(
-            (p for p, e in entries.items() if p.startswith(b"boot/vmlinuz-") and e.type in (FILE, HARDLINK)),
+            (p for p in entries if p.startswith(b"boot/vmlinuz-") and entries[p].type in (FILE, HARDLINK)),
             key=_version_key,
         )
         if kernels:

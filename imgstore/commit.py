@@ -7,6 +7,7 @@ which gc removes; never a row that points at something missing.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import getpass
 import os
@@ -14,7 +15,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -248,7 +249,7 @@ def commit(
         if progress:
             progress(len(res_entries), result["bytes"])
 
-        by_path = {e.path: e for e in res_entries}
+        by_path = _ByPath(res_entries)
         k_entry, i_entry = bootfiles.find(by_path)
         kernel_digest = kernel_name = initrd_digest = initrd_name = None
         if kernel is not None:
@@ -269,8 +270,7 @@ def commit(
                 "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
             )
 
-        mbytes = b"".join(manifest.encode(res_entries))
-        manifest_digest, mnew = objects.put_bytes(mbytes)
+        manifest_digest, mnew = objects.put_chunks(manifest.encode(res_entries))
         faults.point("commit.after-manifest")
         gen_text = generations.canonical(
             manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
@@ -309,6 +309,26 @@ def commit(
         skipped_sockets=report.skipped_sockets, excluded=report.excluded, seconds=time.monotonic() - t0,
         **result,
     )
+
+
+class _ByPath(Mapping[bytes, Entry]):
+    """The committed entries by path, for the few lookups bootfiles and metadata make: a binary search of
+    the walk's output (which is in manifest order), not a dict of a million entries."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+
+    def __getitem__(self, path: bytes) -> Entry:
+        i = bisect.bisect_left(self.entries, manifest.sort_key(path), key=lambda e: manifest.sort_key(e.path))
+        if i < len(self.entries) and self.entries[i].path == path:
+            return self.entries[i]
+        raise KeyError(path)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (e.path for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def _user() -> str:

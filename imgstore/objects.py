@@ -16,7 +16,7 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -179,6 +179,17 @@ class ObjectStore:
             return self.put_stream(io.BytesIO(data))
         return digest, self.add_compressed(digest, len(data), compressor().compress(data))
 
+    def put_chunks(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store content given in pieces, never holding more than LOOSE_MIN of it (a manifest of a million
+        entries is 100 MB of text). Returns (digest, new bytes)."""
+        it = iter(chunks)
+        head = bytearray()
+        for chunk in it:
+            head += chunk
+            if len(head) >= LOOSE_MIN:
+                return self.put_stream(_ChunkReader(head, it))  # type: ignore[arg-type]
+        return self.put_bytes(bytes(head))
+
     def put_stream(self, src: BinaryIO, on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
         """Store a stream as a loose object (hash and compress in one pass). Returns (digest, new bytes)."""
         self.loose_dir.mkdir(exist_ok=True)
@@ -304,6 +315,24 @@ class ObjectStore:
         if slot is not None:
             return f"packs/{slot.pack}.pack"
         return os.fspath(self.loose_path(digest).relative_to(self.root))
+
+
+class _ChunkReader:
+    """A read()-able view of a buffer followed by an iterator of chunks."""
+
+    def __init__(self, head: bytearray, rest: Iterator[bytes]) -> None:
+        self.buf = head
+        self.rest = rest
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = next(self.rest, None)
+            if chunk is None:
+                break
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
 
 
 def _size_of(src: BinaryIO) -> int | None:

@@ -202,3 +202,44 @@ def test_excludes(store: Store, tmp_path: Path) -> None:
                  b"var/cache/apt/pkgcache.bin"):
         assert gone not in paths
     assert res.excluded == 5
+
+
+def test_large_manifest_streams_into_a_loose_object(store: Store, tmp_path: Path) -> None:
+    """A manifest over 1 MiB is written in pieces as a loose object, and reads back exactly."""
+    from imgstore import manifest
+    from imgstore.objects import LOOSE_MIN
+
+    tree = tmp_path / "tree"
+    for d in range(12):
+        sub = tree / f"dir{d:02d}"
+        sub.mkdir(parents=True)
+        for i in range(1000):
+            (sub / f"a-rather-long-file-name-{i:05d}.conf").write_bytes(b"%d %d\n" % (d, i))
+    (tree / "boot").mkdir()
+    (tree / "boot/vmlinuz-6.1.0-9-amd64").write_bytes(b"old kernel")
+    (tree / "boot/vmlinuz-6.1.0-28-amd64").write_bytes(b"new kernel")
+    (tree / "boot/initrd.img-6.1.0-28-amd64").write_bytes(b"initrd")
+    res = roundtrip(store, tree, tmp_path / "out")
+    g = res.generation
+    assert store.objects.loose_path(g.manifest).exists()  # not in a pack: it is over LOOSE_MIN
+    text = store.objects.read(g.manifest)
+    assert len(text) >= LOOSE_MIN
+    assert [e.path for e in manifest.decode(text)][:2] == [b".", b"boot"]
+    # The kernel lookup (a binary search of the walk's output) picked the newest version.
+    write_profile(store.root, "k", "[commit]\ndefault_excludes = false\n")
+    k = commit.commit(store, tree, "k").generation
+    assert (k.kernel_name, k.initrd_name) == ("vmlinuz-6.1.0-28-amd64", "initrd.img-6.1.0-28-amd64")
+
+
+def test_put_chunks_matches_put_bytes(store: Store) -> None:
+    import blake3
+
+    from imgstore.objects import LOOSE_MIN
+
+    for size in (0, 100, LOOSE_MIN - 1, LOOSE_MIN, 3 * LOOSE_MIN + 17):
+        data = bytes(i * 7 % 251 for i in range(size))
+        pieces = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+        digest, _ = store.objects.put_chunks(pieces)
+        store.objects.flush()
+        assert digest == blake3.blake3(data).hexdigest()
+        assert store.objects.read(digest) == data
