@@ -127,6 +127,14 @@ def when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def report_skipped(res: Any) -> None:
+    """What a walk of a chroot left out (commit, status CHROOT), on stderr."""
+    for m in res.skipped_mounts:
+        print(f"skipped {m}: another filesystem is mounted there", file=sys.stderr)
+    for s in res.skipped_sockets:
+        print(f"warning: skipped socket {s}", file=sys.stderr)
+
+
 @contextmanager
 def progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
     """A files/bytes/throughput bar on a terminal; nothing when stderr is not one."""
@@ -210,11 +218,7 @@ def commit(
     if json_out:
         emit_json(res)
         return
-    err = sys.stderr
-    for m in res.skipped_mounts:
-        print(f"skipped {m}: another filesystem is mounted there", file=err)
-    for s in res.skipped_sockets:
-        print(f"warning: skipped socket {s}", file=err)
+    report_skipped(res)
     if not res.created:
         print(f"nothing changed: {chroot} is identical to {g.ref} ({g.short}); no generation created")
         return

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import app, emit_json, human_bytes
+from .cli import app, emit_json, human_bytes, report_skipped
 
 SHOW_MAX = 100  # lines per kind; --json lists everything
 
@@ -28,11 +28,7 @@ def show_chroot_status(store: Any, profile: str | None, chroot: Path | None, jso
     if json_out:
         emit_json(rep)
         return
-    err = sys.stderr
-    for m in rep.skipped_mounts:
-        print(f"skipped {m}: another filesystem is mounted there", file=err)
-    for s in rep.skipped_sockets:
-        print(f"warning: skipped socket {s}", file=err)
+    report_skipped(rep)
     work = (f"{rep.entries:,} entries, read {rep.hashed:,} files ({human_bytes(rep.hashed_bytes)}) "
             f"in {rep.seconds:.2f} s")
     if rep.base is None:

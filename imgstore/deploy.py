@@ -99,7 +99,7 @@ def desired(store: Store, conn: Connection, profiles: list[Profile]) -> Desired:
         if act is not None:
             d.gens[act.pk] = (p, act)
             if p.mac_files == "link":
-                d.links[p.tftp_root / pxelinux.profile_link(p)] = pxelinux.link_target(p, act).rsplit("/", 1)[1]
+                d.links[p.tftp_root / pxelinux.profile_link(p)] = pxelinux.profile_link_target(p, act)
             d.links[p.root_link] = os.fspath(tree_path(store, act))
             if p.serve_default:
                 boot(p, act, pxelinux.default_file(), follows=True)
@@ -198,7 +198,6 @@ def apply(store: Store, want: Desired) -> list[str]:
             fsync_dir(d)
     faults.point("apply.before-link")
     link_temps: list[tuple[Path, Path]] = []
-    link_dirs: set[Path] = set()
     for link, target in want.links.items():  # in order: see desired()
         try:
             if os.readlink(link) == target:
@@ -225,16 +224,11 @@ def apply(store: Store, want: Desired) -> list[str]:
                 raise no_space(link.parent, exc) from exc
             raise
         link_temps.append((tmp, link))
-        link_dirs.add(link.parent)
-    synced: set[Path] = set()
     for i, (tmp, link) in enumerate(link_temps):
         os.rename(tmp, link)  # the name is never missing: the new link replaces the old one
         written.append(os.fspath(link))
         if i + 1 == len(link_temps) or link_temps[i + 1][1].parent != link.parent:
             fsync_dir(link.parent)  # durable before the next directory's links, which may resolve through it
-            synced.add(link.parent)
-    for d in link_dirs - synced:
-        fsync_dir(d)
     return written
 
 
@@ -333,8 +327,9 @@ def rollout(store: Store, profile_name: str, ref: str | None = None, dry_run: bo
         with store.engine.connect() as conn:
             gen = _resolve(conn, profile, ref)
             cur = active(conn, profile.name)
-            moved = [n.name for n in _following(conn, profile.name)] if (cur is None or cur.pk != gen.pk) else []
-            released = [n.name for n in nodes.list_(conn, profile.name) if n.pinned == gen.pk]
+            members = nodes.list_(conn, profile.name)
+            moved = [n.name for n in members if n.pinned is None] if (cur is None or cur.pk != gen.pk) else []
+            released = [n.name for n in members if n.pinned == gen.pk]
         change = Change(profile.name, "rollout", cur.ref if cur else None, gen.ref, moved + released,
                         dry_run=dry_run)
         if dry_run:

@@ -108,7 +108,7 @@ def _is_real_dir(p: Path) -> bool:
         return False
 
 
-def _is_file(p: Path) -> bool:
+def _is_file(p: str | Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(p).st_mode)
     except FileNotFoundError:
@@ -126,27 +126,21 @@ def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
     """Make sure every file's shared copy exists and return {id(entry): its path}, so that restore() only
     links. (Two worker threads made no difference here: creating files is bound by the filesystem.)"""
     sources: dict[int, str] = {}
-    todo: dict[str, Entry] = {}
+    todo: dict[str, tuple[Entry, str]] = {}
     base = os.fspath(store.root / MAT)
     for e in es:
         if e.type != FILE:
             continue
         key = mat_key(e)
         path = sources[id(e)] = f"{base}/{key[:2]}/{key}"
-        if key not in todo:
-            try:
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    continue
-            except FileNotFoundError:
-                pass
-            todo[key] = e
-    if not todo:
-        return sources
-    _real_dir(store.root / MAT)
-    for sub in {key[:2] for key in todo}:
-        _real_dir(store.root / MAT / sub)
-    for key, e in todo.items():
-        _make_mat(store, e, f"{base}/{key[:2]}/{key}", f"{base}/{TMP_PREFIX}{key}")
+        if key not in todo and not _is_file(path):
+            todo[key] = (e, path)
+    if todo:
+        _real_dir(store.root / MAT)
+        for sub in {key[:2] for key in todo}:
+            _real_dir(store.root / MAT / sub)
+    for key, (e, path) in todo.items():
+        _make_mat(store, e, path, f"{base}/{TMP_PREFIX}{key}")
     return sources
 
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import blake3
 import zstandard
@@ -101,14 +101,21 @@ class ObjectStore:
 
     @property
     def index(self) -> dict[bytes, PackSlot]:
+        """Every pack's objects. gc rewrites a pack by copying what it keeps into a new pack before removing
+        the old one, so a pack that vanishes between the listing and the reading of its index had a
+        successor by then: the listing is read again until it names no pack not yet read. A reader that
+        takes no lock (verify) thus never misses an object."""
         if self._index is None:
             idx: dict[bytes, PackSlot] = {}
-            for name in self.pack_names():
-                try:
-                    for digest, slot in read_pack_index(self.pack_path(name), name):
-                        idx.setdefault(digest, slot)
-                except IntegrityError:
-                    continue  # verify reports the damaged pack; its objects count as missing
+            seen: set[str] = set()
+            while new := [n for n in self.pack_names() if n not in seen]:
+                for name in new:
+                    seen.add(name)
+                    try:
+                        for digest, slot in read_pack_index(self.pack_path(name), name):
+                            idx.setdefault(digest, slot)
+                    except (IntegrityError, FileNotFoundError):
+                        continue  # damaged (verify reports it; its objects count as missing) or removed by gc
             self._index = idx
         return self._index
 
@@ -187,10 +194,10 @@ class ObjectStore:
         for chunk in it:
             head += chunk
             if len(head) >= LOOSE_MIN:
-                return self.put_stream(_ChunkReader(head, it))  # type: ignore[arg-type]
+                return self.put_stream(_ChunkReader(head, it))
         return self.put_bytes(bytes(head))
 
-    def put_stream(self, src: BinaryIO, on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
+    def put_stream(self, src: Readable, on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
         """Store a stream as a loose object (hash and compress in one pass). Returns (digest, new bytes)."""
         self.loose_dir.mkdir(exist_ok=True)
         tmp = tmp_name(self.loose_dir / "object")
@@ -258,10 +265,7 @@ class ObjectStore:
     def _fd(self, pack: str) -> int:
         fd = self._fds.get(pack)
         if fd is None:
-            new = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
-            fd = self._fds.setdefault(pack, new)  # readers in several threads: one fd per pack
-            if fd != new:
-                os.close(new)
+            fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
         return fd
 
     def close(self) -> None:
@@ -317,6 +321,10 @@ class ObjectStore:
         return os.fspath(self.loose_path(digest).relative_to(self.root))
 
 
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
 class _ChunkReader:
     """A read()-able view of a buffer followed by an iterator of chunks."""
 
@@ -335,12 +343,14 @@ class _ChunkReader:
         return out
 
 
-def _size_of(src: BinaryIO) -> int | None:
+def _size_of(src: Readable) -> int | None:
+    fileno, getbuffer = getattr(src, "fileno", None), getattr(src, "getbuffer", None)
     try:
-        return os.fstat(src.fileno()).st_size
-    except (OSError, AttributeError, ValueError):  # io.BytesIO has no file descriptor
-        getbuffer = getattr(src, "getbuffer", None)
-        return getbuffer().nbytes if getbuffer is not None else None
+        if fileno is not None:
+            return os.fstat(fileno()).st_size
+    except (OSError, ValueError):  # io.BytesIO has fileno() but no file descriptor
+        pass
+    return getbuffer().nbytes if getbuffer is not None else None
 
 
 def damaged(digest: str, why: str) -> IntegrityError:

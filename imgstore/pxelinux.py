@@ -48,16 +48,21 @@ def link_target(profile: Profile, gen: Generation) -> str:
     return _config_name(profile, gen)
 
 
+def follow_target(profile: Profile) -> str:
+    """What pxelinux.cfg/<name> of a node that follows the profile points at (relative, inside the root)."""
+    return f"imgstore/profile-{profile.name}"
+
+
 def profile_link(profile: Profile) -> str:
     """pxelinux.cfg/imgstore/profile-<name>: points at the profile's active generation's config. The per-MAC
     names of nodes that follow the profile point here, so a rollout or rollback renames this one link
     whatever the number of nodes (relative to the TFTP root)."""
-    return f"{CFG_DIR}/imgstore/profile-{profile.name}"
+    return f"{CFG_DIR}/{follow_target(profile)}"
 
 
-def follow_target(profile: Profile) -> str:
-    """What pxelinux.cfg/<name> of a node that follows the profile points at (relative, inside the root)."""
-    return f"imgstore/profile-{profile.name}"
+def profile_link_target(profile: Profile, gen: Generation) -> str:
+    """What the profile's link points at: the generation's config, beside it in pxelinux.cfg/imgstore/."""
+    return _config_name(profile, gen).removeprefix("imgstore/")
 
 
 def mac_file(mac: MacAddress) -> str:

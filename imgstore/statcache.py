@@ -12,6 +12,8 @@ import os
 import struct
 from pathlib import Path
 
+from zstandard import ZstdError
+
 from .durable import write_atomic
 
 MAGIC = b"imgstore-statcache 3\n"  # then one zstd frame of marshal((root, scan start, rows))
@@ -41,7 +43,7 @@ class StatCache:
                 saved_root, started, rows = marshal.loads(decompressor().decompress(data[len(MAGIC):]))
                 if saved_root == root and isinstance(rows, dict):
                     return cls(path, root, started - MARGIN_NS, rows)
-        except Exception:  # noqa: BLE001
+        except (OSError, ValueError, EOFError, TypeError, ZstdError):
             pass  # a missing or unreadable cache only costs a full read
         return cls(path, root, 0, {})
 

@@ -24,7 +24,7 @@ from .durable import TMP_PREFIX, remove_tree
 from .errors import IntegrityError
 from .generations import Generation
 from .manifest import FILE
-from .objects import ObjectStore, PackSlot, compressor, read_pack_index
+from .objects import ObjectStore, compressor, read_pack_index
 from .store import Store
 
 if TYPE_CHECKING:
@@ -195,25 +195,8 @@ def _check(store: Store, objects: ObjectStore, gens: list[Generation], rep: Veri
 
 
 def _fresh_objects(root: Path) -> ObjectStore:
-    """A new look at the object store, with a pack index that a concurrent gc cannot make miss an object.
-
-    gc rewrites a pack by copying the objects it keeps into a new pack, then removing the old one. A pack
-    that vanishes between the listing and the reading of its index therefore had a successor before it
-    vanished: the listing is read again until it names no pack not yet read.
-    """
-    objects = ObjectStore(root)
-    index: dict[bytes, PackSlot] = {}
-    seen: set[str] = set()
-    while new := [n for n in objects.pack_names() if n not in seen]:
-        for name in new:
-            seen.add(name)
-            try:
-                for digest, slot in read_pack_index(objects.pack_path(name), name):
-                    index.setdefault(digest, slot)
-            except (IntegrityError, FileNotFoundError):
-                continue  # damaged (reported as such) or removed by gc
-    objects._index = index
-    return objects
+    """A new look at the object store (its index copes with gc rewriting packs meanwhile)."""
+    return ObjectStore(root)
 
 
 def _state(objects: ObjectStore, digest: str) -> tuple[str, str] | None:
