@@ -15,9 +15,7 @@ import sys
 import time
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
-
-from .schema import events
+from .db import Connection, where
 
 MUTATING = frozenset({
     "init", "commit", "checkout", "rollout", "rollback", "pin", "unpin", "sync", "gc", "adopt", "materialize",
@@ -55,26 +53,22 @@ def user() -> str:
 
 
 def record(conn: Connection, command: str, result: str, detail: str = "") -> None:
-    conn.execute(insert(events).values(
-        at=time.time(), user=user(), host=socket.gethostname(), command=command[:32],
-        argv=shlex.join(["imgstore", *sys.argv[1:]]), profile=_ctx.get("profile"), node=_ctx.get("node"),
-        generation=_ctx.get("generation"), result=result, detail=(detail or _ctx.get("detail", ""))[:2000],
-    ))
+    conn.execute(
+        'INSERT INTO events (at, "user", host, command, argv, profile, node, generation, result, detail) '
+        "VALUES (:at, :user, :host, :command, :argv, :profile, :node, :generation, :result, :detail)",
+        {"at": time.time(), "user": user(), "host": socket.gethostname(), "command": command[:32],
+         "argv": shlex.join(["imgstore", *sys.argv[1:]]), "profile": _ctx.get("profile"), "node": _ctx.get("node"),
+         "generation": _ctx.get("generation"), "result": result, "detail": (detail or _ctx.get("detail", ""))[:2000]},
+    )
 
 
 def query(conn: Connection, profile: str | None = None, node: str | None = None, since: float | None = None,
           until: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    q = select(events).order_by(events.c.id.desc())
-    if profile:
-        q = q.where(events.c.profile == profile)
-    if node:
-        q = q.where(events.c.node == node)
-    if since is not None:
-        q = q.where(events.c.at >= since)
-    if until is not None:
-        q = q.where(events.c.at <= until)
-    if limit:
-        q = q.limit(limit)
-    rows = [dict(r._mapping) for r in conn.execute(q)]
+    sql = "SELECT * FROM events" + where(
+        "profile = :profile" if profile else None, "node = :node" if node else None,
+        None if since is None else "at >= :since", None if until is None else "at <= :until",
+    ) + " ORDER BY id DESC" + (" LIMIT :limit" if limit else "")
+    params = {"profile": profile, "node": node, "since": since, "until": until, "limit": limit}
+    rows = [dict(r) for r in conn.execute(sql, params)]
     rows.reverse()
     return rows

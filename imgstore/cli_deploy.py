@@ -23,12 +23,10 @@ def _profile_name(store: Any, given: str | None) -> str:
     if given:
         store.profile(given)
         return given
-    from sqlalchemy import select
-
-    from .schema import generations
+    from . import generations
 
     with store.engine.connect() as conn:
-        used = sorted({r[0] for r in conn.execute(select(generations.c.profile).distinct())})
+        used = generations.profiles(conn)
     if len(used) == 1:
         return str(used[0])
     raise UsageError("several profiles have generations" if used else "no profile has generations yet",

@@ -125,7 +125,7 @@ def _typed_command(args: list[str]) -> list[str]:
 
 def _database_full(exc: Exception) -> ImgstoreError | None:
     """A database write that failed for lack of space, wherever it happened."""
-    if state.store is None or "sqlalchemy" not in type(exc).__module__:
+    if state.store is None or type(exc).__module__.split(".")[0] not in ("sqlite3", "sqlalchemy"):
         return None
     from . import db
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
-
 from . import faults, generations, nodes, pxelinux
+from .db import Connection, where
 from .durable import TMP_PREFIX, fsync_dir, no_space, syncfs, write_atomic
 from .errors import ConfigError, NotFound, UsageError
 from .generations import Generation
@@ -32,7 +31,6 @@ from .manifest import FILE, Entry
 from .materialize import discard_stale, ensure_mat, materialize, tree_path
 from .nodes import Node
 from .profiles import Profile
-from .schema import activations, profile_state
 from .store import Store
 
 
@@ -60,7 +58,7 @@ class Change:
 
 # -- state --------------------------------------------------------------------------------------
 def active(conn: Connection, profile: str) -> Generation | None:
-    r = conn.execute(select(profile_state.c.active).where(profile_state.c.profile == profile)).first()
+    r = conn.execute("SELECT active FROM profile_state WHERE profile = :profile", {"profile": profile}).first()
     return generations.by_pk(conn, r[0]) if r and r[0] is not None else None
 
 
@@ -239,18 +237,21 @@ def record(conn: Connection, profile: str, kind: str, frm: Generation | None, to
         user = os.environ.get("SUDO_USER") or getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    conn.execute(insert(activations).values(
-        at=time.time(), profile=profile, kind=kind, node=node, from_gen=frm.pk if frm else None,
-        to_gen=to.pk if to else None, user=user, host=socket.gethostname(), nodes=json.dumps(moved or []),
-    ))
+    conn.execute(
+        'INSERT INTO activations (at, profile, kind, node, from_gen, to_gen, "user", host, nodes) '
+        "VALUES (:at, :profile, :kind, :node, :from_gen, :to_gen, :user, :host, :nodes)",
+        {"at": time.time(), "profile": profile, "kind": kind, "node": node, "from_gen": frm.pk if frm else None,
+         "to_gen": to.pk if to else None, "user": user, "host": socket.gethostname(),
+         "nodes": json.dumps(moved or [])},
+    )
 
 
 def set_active(conn: Connection, profile: str, gen: Generation) -> None:
-    if conn.execute(select(profile_state.c.profile).where(profile_state.c.profile == profile)).first():
-        conn.execute(update(profile_state).where(profile_state.c.profile == profile)
-                     .values(active=gen.pk, updated=time.time()))
-    else:
-        conn.execute(insert(profile_state).values(profile=profile, active=gen.pk, updated=time.time()))
+    conn.execute(
+        "INSERT INTO profile_state (profile, active, updated) VALUES (:profile, :active, :updated) "
+        "ON CONFLICT (profile) DO UPDATE SET active = excluded.active, updated = excluded.updated",
+        {"profile": profile, "active": gen.pk, "updated": time.time()},
+    )
 
 
 def _following(conn: Connection, profile: str) -> list[Node]:
@@ -274,10 +275,8 @@ PENDING = "deploy-pending.json"
 
 
 def _begin_pending(store: Store, kind: str, profile: str, node: str | None) -> None:
-    from sqlalchemy import func
-
     with store.engine.connect() as conn:
-        last = conn.execute(select(func.max(activations.c.id))).scalar() or 0
+        last = conn.execute("SELECT max(id) FROM activations").scalar() or 0
     write_atomic(store.root / PENDING, json.dumps(
         {"kind": kind, "profile": profile, "node": node, "after": last}).encode(), 0o600)
 
@@ -301,18 +300,17 @@ def resume(store: Store, kind: str | None = None, node: str | None = None,
         _end_pending(store)  # a torn note cannot exist (written atomically); be safe anyway
         return None
     with store.engine.connect() as conn:
-        row = conn.execute(select(activations).where(
-            activations.c.id > note["after"], activations.c.profile == note["profile"])
-            .order_by(activations.c.id.desc()).limit(1)).first()
+        row = conn.execute("SELECT * FROM activations WHERE id > :after AND profile = :profile "
+                           "ORDER BY id DESC LIMIT 1", note).first()
     if row is None:  # it died before its row: nothing was decided, nothing to complete
         _end_pending(store)
         return None
     p = store.profile(note["profile"])
     with store.engine.connect() as conn:
-        to = generations.by_pk(conn, row._mapping["to_gen"]).ref if row._mapping["to_gen"] else None
-        frm = generations.by_pk(conn, row._mapping["from_gen"]).ref if row._mapping["from_gen"] else None
+        to = generations.by_pk(conn, row["to_gen"]).ref if row["to_gen"] else None
+        frm = generations.by_pk(conn, row["from_gen"]).ref if row["from_gen"] else None
     change = finish(store, p, Change(p.name, f"{note['kind']} (completed after an interruption)", frm, to,
-                                     json.loads(row._mapping["nodes"])))
+                                     json.loads(row["nodes"])))
     same = note["kind"] == kind and note["node"] == node and (profile is None or note["profile"] == profile)
     return change if same else None
 
@@ -414,9 +412,8 @@ def unpin(store: Store, node_ref: str, dry_run: bool = False, wait: bool = True,
 def previous_active(conn: Connection, profile: str) -> Generation | None:
     """Walk the activation history as a stack: each rollout pushes what it replaced, each rollback pops."""
     stack: list[int | None] = []
-    for r in conn.execute(select(activations).where(activations.c.profile == profile, activations.c.node.is_(None))
-                          .order_by(activations.c.id)):
-        m = r._mapping
+    for m in conn.execute("SELECT * FROM activations WHERE profile = :profile AND node IS NULL ORDER BY id",
+                          {"profile": profile}):
         if m["kind"] == "rollout" and m["from_gen"] != m["to_gen"]:
             stack.append(m["from_gen"])
         elif m["kind"] == "rollback" and stack:
@@ -505,11 +502,8 @@ def _resolve(conn: Connection, profile: Profile, ref: str | None) -> Generation:
 
 
 def history(conn: Connection, profile: str | None = None, node: str | None = None) -> list[dict[str, Any]]:
-    q = select(activations).order_by(activations.c.id)
-    if profile:
-        q = q.where(activations.c.profile == profile)
-    if node:
-        q = q.where(activations.c.node == node)
+    sql = "SELECT * FROM activations" + where(
+        "profile = :profile" if profile else None, "node = :node" if node else None) + " ORDER BY id"
     refs: dict[int, str] = {}
 
     def ref(pk: int | None) -> str | None:
@@ -520,8 +514,7 @@ def history(conn: Connection, profile: str | None = None, node: str | None = Non
         return refs[pk]
 
     out = []
-    for r in conn.execute(q):
-        m = r._mapping
+    for m in conn.execute(sql, {"profile": profile, "node": node}):
         out.append({"at": m["at"], "profile": m["profile"], "kind": m["kind"], "node": m["node"],
                     "from": ref(m["from_gen"]), "to": ref(m["to_gen"]), "user": m["user"], "host": m["host"],
                     "nodes": json.loads(m["nodes"])})

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
-
 from . import deploy, faults, generations, manifest, nodes, pxelinux
 from .durable import TMP_PREFIX
 from .errors import IntegrityError, NoSpace
@@ -26,7 +24,6 @@ from .locking import store_lock
 from .manifest import FILE
 from .materialize import MAT, _rmtree, discard_stale, tree_path
 from .objects import compressor, read_pack_index
-from .schema import generations as gen_table
 from .store import RESERVE, RESERVE_SIZE, Store, make_reserve
 
 
@@ -162,8 +159,9 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         # 2. The database rows.
         if doomed:
             with store.engine.begin() as conn:
-                conn.execute(update(gen_table).where(gen_table.c.id.in_([g.pk for g in doomed]))
-                             .values(deleted=time.time()))
+                now = time.time()
+                for g in doomed:
+                    conn.execute("UPDATE generations SET deleted = :now WHERE id = :pk", {"now": now, "pk": g.pk})
         faults.point("gc.after-rows")
         # 3. Objects nothing kept needs.
         need = needed_objects(store, kept)

@@ -12,11 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
-
+from .db import Connection, Row, where
 from .errors import NotFound, UsageError
 from .manifest import escape
-from .schema import generations
 
 GEN_HEADER = "imgstore-generation 1\n"
 
@@ -70,8 +68,7 @@ def canonical(manifest: str, kernel: str | None, kernel_name: str | None, initrd
     ).encode()
 
 
-def _row(r: Any) -> Generation:
-    m = r._mapping
+def _row(m: Row) -> Generation:
     return Generation(
         pk=m["id"], profile=m["profile"], number=m["number"], gen_id=m["gen_id"], manifest=m["manifest"],
         kernel=m["kernel"], kernel_name=m["kernel_name"], initrd=m["initrd"], initrd_name=m["initrd_name"],
@@ -82,38 +79,42 @@ def _row(r: Any) -> Generation:
 
 
 def list_(conn: Connection, profile: str | None = None, deleted: bool = False) -> list[Generation]:
-    q = select(generations).order_by(generations.c.profile, generations.c.number)
-    if not deleted:
-        q = q.where(generations.c.deleted.is_(None))
-    if profile is not None:
-        q = q.where(generations.c.profile == profile)
-    return [_row(r) for r in conn.execute(q)]
+    sql = "SELECT * FROM generations" + where(
+        None if deleted else "deleted IS NULL", None if profile is None else "profile = :profile")
+    return [_row(r) for r in conn.execute(sql + " ORDER BY profile, number", {"profile": profile})]
 
 
 def by_pk(conn: Connection, pk: int) -> Generation:
-    r = conn.execute(select(generations).where(generations.c.id == pk)).first()
+    r = conn.execute("SELECT * FROM generations WHERE id = :pk", {"pk": pk}).first()
     if r is None:
         raise NotFound(f"generation row {pk} does not exist", "run: imgstore generations")
     return _row(r)
 
 
 def latest(conn: Connection, profile: str) -> Generation | None:
-    r = conn.execute(
-        select(generations).where(generations.c.profile == profile, generations.c.deleted.is_(None))
-        .order_by(generations.c.number.desc()).limit(1)
-    ).first()
+    r = conn.execute("SELECT * FROM generations WHERE profile = :profile AND deleted IS NULL "
+                     "ORDER BY number DESC LIMIT 1", {"profile": profile}).first()
     return _row(r) if r else None
 
 
 def add(conn: Connection, **values: Any) -> Generation:
-    profile = values["profile"]
-    number = (conn.execute(
-        select(func.max(generations.c.number)).where(generations.c.profile == profile)
-    ).scalar() or 0) + 1
+    """A new row numbered after the profile's last (gc'd ones included: numbers are never reused); every
+    column but id, number and deleted must be given."""
+    values["number"] = (conn.execute("SELECT max(number) FROM generations WHERE profile = :profile",
+                                     {"profile": values["profile"]}).scalar() or 0) + 1
     values["meta"] = json.dumps(values.get("meta") or {}, sort_keys=True)
-    pk = conn.execute(insert(generations).values(number=number, **values)).inserted_primary_key
-    assert pk is not None
-    return by_pk(conn, pk[0])
+    r = conn.execute(
+        'INSERT INTO generations (profile, number, gen_id, manifest, kernel, kernel_name, initrd, initrd_name, '
+        'append, created, message, "user", host, source, files, size, new_bytes, meta) VALUES (:profile, '
+        ':number, :gen_id, :manifest, :kernel, :kernel_name, :initrd, :initrd_name, :append, :created, '
+        ':message, :user, :host, :source, :files, :size, :new_bytes, :meta) RETURNING *', values).first()
+    assert r is not None
+    return _row(r)
+
+
+def profiles(conn: Connection) -> list[str]:
+    """The profiles that have (or had) generations."""
+    return sorted(r[0] for r in conn.execute("SELECT DISTINCT profile FROM generations"))
 
 
 REF_RE = re.compile(r"^(?:(?P<profile>[a-z][a-z0-9_-]*)@)?(?P<sel>latest|-\d+|\d+)$")
@@ -127,9 +128,9 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
         prof = m.group("profile") or profile
         sel = m.group("sel")
         if prof is None:
-            profiles = sorted({r[0] for r in conn.execute(select(generations.c.profile).distinct())})
-            if len(profiles) == 1:
-                prof = profiles[0]
+            used = profiles(conn)
+            if len(used) == 1:
+                prof = used[0]
             else:
                 raise UsageError(
                     f"generation {ref!r} needs a profile", f"write it as PROFILE@{sel} or pass --profile"
@@ -149,7 +150,8 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
         raise not_found(conn, f"{prof}@{sel}", prof)
     if re.fullmatch(r"[0-9a-f]{4,64}", ref):
         rows = [_row(r) for r in conn.execute(
-            select(generations).where(generations.c.gen_id.startswith(ref), generations.c.deleted.is_(None)))]
+            "SELECT * FROM generations WHERE gen_id LIKE :prefix AND deleted IS NULL ORDER BY id",
+            {"prefix": ref + "%"})]  # ref is hex: nothing in it LIKE treats specially
         if len({g.gen_id for g in rows}) == 1 and (len(rows) == 1 or profile):
             matching = [g for g in rows if profile is None or g.profile == profile]
             if matching:

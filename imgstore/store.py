@@ -21,8 +21,7 @@ from .errors import ConfigError, StoreError
 from .objects import ObjectStore
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
+    from .db import Database
     from .profiles import Profile
 
 FORMAT = 1
@@ -113,7 +112,7 @@ class Store:
         return f"sqlite:///{self.root / 'imgstore.db'}"
 
     @cached_property
-    def engine(self) -> Engine:
+    def engine(self) -> Database:
         from . import db
 
         engine = db.make_engine(self.database_url)

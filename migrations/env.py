@@ -1,11 +1,13 @@
-"""Alembic environment: imgstore passes the connection in via config.attributes['connection']."""
+"""Alembic environment: imgstore passes the connection in via config.attributes['connection'].
+
+The migrations are the only description of the schema (imgstore's queries are plain SQL, imgstore/db.py),
+so there is no metadata to autogenerate from: write each migration by hand.
+"""
 
 from alembic import context
 
-from imgstore.schema import metadata
-
 config = context.config
-target_metadata = metadata
+target_metadata = None
 
 connection = config.attributes.get("connection")
 if connection is None:
