@@ -7,7 +7,6 @@ which gc removes; never a row that points at something missing.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import getpass
 import os
@@ -15,12 +14,12 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -29,11 +28,14 @@ from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
-from .manifest import FILE, Entry
+from .manifest import FILE, HARDLINK, SYMLINK, Entry
 from .objects import LOOSE_MIN, compressor
 from .scan import Found, scan
 from .statcache import StatCache, cache_path
 from .store import Store
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 RETRIES = 3
 BATCH_FILES = 64
@@ -135,6 +137,11 @@ def _read_all(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
+_LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
+                        b"var/lib/dpkg/status"))  # besides symlinks, hardlinks and boot/: see bootfiles, metadata
+MAX_WAITING = 4096  # entries held behind a file still being read before the walk waits for it
+
+
 def commit(
     store: Store,
     chroot: Path,
@@ -175,50 +182,60 @@ def commit(
         cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
         objects = store.objects
         _ = objects.index, objects.loose  # loaded before the worker threads look at them
-        res_entries: list[Entry] = []
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
         pending: deque[tuple[list[Found], Future[list[tuple[str, bytes | None, int, int]]]]] = deque()
         reader = _Reader(store)
         batch: list[Found] = []
         batch_bytes = 0
+        entries = 0
+        kept: dict[bytes, Entry] = {}  # what bootfiles and metadata look at; nothing else is kept
 
         def read_batch(founds: list[Found]) -> list[tuple[str, bytes | None, int, int]]:
             return [reader(f) for f in founds]
 
-        def drain(limit: int) -> None:
-            while len(pending) > limit:
-                founds, fut = pending.popleft()
-                for found, res in zip(founds, fut.result(), strict=True):
-                    take(found, res)
-
-        def take(found: Found, res: tuple[str, bytes | None, int, int]) -> None:
-            digest, blob, nread, loose_new = res
-            found.entry.digest = digest
-            result["read_files"] += 1
-            result["read_bytes"] += nread
-            if loose_new:
-                result["new_objects"] += 1
-                result["new_bytes"] += loose_new
-            if blob is not None:
-                added = objects.add_compressed(digest, nread, blob)
-                if added:
+        def take_head() -> None:
+            founds, fut = pending.popleft()
+            for found, res in zip(founds, fut.result(), strict=True):
+                digest, blob, nread, loose_new = res
+                found.entry.digest = digest
+                result["read_files"] += 1
+                result["read_bytes"] += nread
+                if loose_new:
                     result["new_objects"] += 1
-                    result["new_bytes"] += added
-            cache.record(found.entry.path, found.ino, found.entry.size, found.entry.mtime_ns,
-                         found.ctime_ns, digest)
+                    result["new_bytes"] += loose_new
+                if blob is not None:
+                    added = objects.add_compressed(digest, nread, blob)
+                    if added:
+                        result["new_objects"] += 1
+                        result["new_bytes"] += added
 
-        try:
+        def complete() -> Iterator[Entry]:
+            """The tree's entries in walk (= manifest) order, each as soon as it and all before it are known.
+            Files are read in batches by worker threads; the head of the line waits for its batch."""
+            nonlocal batch, batch_bytes, entries
+            line: deque[Found] = deque()
+
+            def ready() -> Iterator[Entry]:
+                while line and (line[0].entry.type != FILE or line[0].entry.digest):
+                    found = line.popleft()
+                    e = found.entry
+                    if e.type == FILE:
+                        cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, e.digest)
+                    yield e
+
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
                 for found in entries_iter:
                     e = found.entry
-                    res_entries.append(e)
+                    line.append(found)
+                    entries += 1
+                    if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
+                        kept[e.path] = e
                     if e.type == FILE:
                         result["files"] += 1
                         result["bytes"] += e.size
                         digest = cache.lookup(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns)
                         if digest is not None and objects.has(digest):
                             e.digest = digest
-                            cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, digest)
                         else:
                             # Small files travel in batches: one task per file would cost more in thread
                             # hand-offs than reading the file does.
@@ -227,15 +244,27 @@ def commit(
                             if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                                 pending.append((batch, pool.submit(read_batch, batch)))
                                 batch, batch_bytes = [], 0
-                                drain(WINDOW)
-                    if progress and len(res_entries) % 256 == 0:
-                        progress(len(res_entries), result["bytes"])
+                                while len(pending) > WINDOW:
+                                    take_head()
+                    while pending and (pending[0][1].done() or len(line) > MAX_WAITING):
+                        take_head()
+                    yield from ready()
+                    if progress and entries % 256 == 0:
+                        progress(entries, result["bytes"])
                 if batch:
                     pending.append((batch, pool.submit(read_batch, batch)))
-                drain(0)
+                    batch, batch_bytes = [], 0
+                while pending:
+                    take_head()
+                yield from ready()
             faults.point("commit.before-flush")
-            objects.flush()
+            objects.flush()  # every object durable before the manifest that names them
+
+        cache.begin(scan_started)
+        try:
+            manifest_digest, mnew = objects.put_chunks(manifest.encode(complete()))
         except BaseException as exc:
+            cache.discard()
             objects.abort()
             if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
                 # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
@@ -247,88 +276,76 @@ def commit(
                 raise no_space(store.root, None, rest + inflight) from exc
             raise
         if progress:
-            progress(len(res_entries), result["bytes"])
+            progress(entries, result["bytes"])
 
-        by_path = _ByPath(res_entries)
-        k_entry, i_entry = bootfiles.find(by_path)
-        kernel_digest = kernel_name = initrd_digest = initrd_name = None
-        if kernel is not None:
-            with open(kernel, "rb") as f:
-                kernel_digest, _ = objects.put_stream(f)
-            kernel_name = kernel.name
-        elif k_entry is not None and not no_kernel:
-            kernel_digest, kernel_name = k_entry.digest, os.fsdecode(k_entry.path).rsplit("/", 1)[-1]
-        if initrd is not None:
-            with open(initrd, "rb") as f:
-                initrd_digest, _ = objects.put_stream(f)
-            initrd_name = initrd.name
-        elif i_entry is not None and not no_kernel:
-            initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
-        if kernel_digest is None and not no_kernel and profile.require_kernel:
-            raise NotFound(
-                f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
-                "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
-            )
-
-        manifest_digest, mnew = objects.put_chunks(manifest.encode(res_entries))
         faults.point("commit.after-manifest")
-        gen_text = generations.canonical(
-            manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
-        )
-        gen_id, gnew = objects.put_bytes(gen_text)
-        objects.flush()
-        faults.point("commit.before-row")
-
-        with store.engine.begin() as conn:
-            prev = generations.latest(conn, profile.name)
-            if prev is not None and prev.gen_id == gen_id:
-                gen, created = prev, False
-            else:
-                gen = generations.add(
-                    conn, profile=profile.name, gen_id=gen_id, manifest=manifest_digest, kernel=kernel_digest,
-                    kernel_name=kernel_name, initrd=initrd_digest, initrd_name=initrd_name, append=profile.append,
-                    created=time.time(), message=message, user=_user(), host=socket.gethostname(),
-                    source=source or os.fspath(chroot), files=result["files"], size=result["bytes"],
-                    new_bytes=result["new_bytes"] + mnew + gnew,
-                    meta=metadata.collect(chroot, by_path, kernel_name),
-                )
-                created = True
-        faults.point("commit.after-row")
         try:
-            if result["read_files"] or not cache.unchanged:  # a no-op commit writes nothing
-                cache.save(scan_started)
-        except (OSError, NoSpace) as exc:
-            # The generation exists; the cache only saves reading unchanged files next time.
-            import sys
+            gen, created = _record(store, profile, chroot, kernel, initrd, no_kernel, kept, manifest_digest,
+                                   message, source, result, mnew)
+            faults.point("commit.after-row")
+            try:
+                if result["read_files"] or not cache.unchanged:  # a no-op commit writes nothing
+                    cache.save()
+            except (OSError, NoSpace) as exc:
+                # The generation exists; the cache only saves reading unchanged files next time.
+                import sys
 
-            print(f"imgstore: warning: the stat cache was not saved ({exc}); the next commit reads every file",
-                  file=sys.stderr)
-
+                print(f"imgstore: warning: the stat cache was not saved ({exc}); the next commit reads every file",
+                      file=sys.stderr)
+        finally:
+            cache.discard()
     return CommitResult(
-        generation=gen, created=created, entries=len(res_entries), skipped_mounts=report.skipped_mounts,
+        generation=gen, created=created, entries=entries, skipped_mounts=report.skipped_mounts,
         skipped_sockets=report.skipped_sockets, excluded=report.excluded, seconds=time.monotonic() - t0,
         **result,
     )
 
 
-class _ByPath(Mapping[bytes, Entry]):
-    """The committed entries by path, for the few lookups bootfiles and metadata make: a binary search of
-    the walk's output (which is in manifest order), not a dict of a million entries."""
+def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, initrd: Path | None,
+            no_kernel: bool, kept: dict[bytes, Entry], manifest_digest: str, message: str, source: str | None,
+            result: dict[str, int], manifest_new: int) -> tuple[Generation, bool]:
+    """Boot files, the generation object and the database row. Returns (generation, created)."""
+    objects = store.objects
+    k_entry, i_entry = bootfiles.find(kept)
+    kernel_digest = kernel_name = initrd_digest = initrd_name = None
+    if kernel is not None:
+        with open(kernel, "rb") as f:
+            kernel_digest, _ = objects.put_stream(f)
+        kernel_name = kernel.name
+    elif k_entry is not None and not no_kernel:
+        kernel_digest, kernel_name = k_entry.digest, os.fsdecode(k_entry.path).rsplit("/", 1)[-1]
+    if initrd is not None:
+        with open(initrd, "rb") as f:
+            initrd_digest, _ = objects.put_stream(f)
+        initrd_name = initrd.name
+    elif i_entry is not None and not no_kernel:
+        initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
+    if kernel_digest is None and not no_kernel and profile.require_kernel:
+        raise NotFound(
+            f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
+            "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
+        )
 
-    def __init__(self, entries: list[Entry]) -> None:
-        self.entries = entries
+    gen_text = generations.canonical(
+        manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
+    )
+    gen_id, gnew = objects.put_bytes(gen_text)
+    objects.flush()
+    faults.point("commit.before-row")
 
-    def __getitem__(self, path: bytes) -> Entry:
-        i = bisect.bisect_left(self.entries, manifest.sort_key(path), key=lambda e: manifest.sort_key(e.path))
-        if i < len(self.entries) and self.entries[i].path == path:
-            return self.entries[i]
-        raise KeyError(path)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return (e.path for e in self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
+    with store.engine.begin() as conn:
+        prev = generations.latest(conn, profile.name)
+        if prev is not None and prev.gen_id == gen_id:
+            return prev, False
+        gen = generations.add(
+            conn, profile=profile.name, gen_id=gen_id, manifest=manifest_digest, kernel=kernel_digest,
+            kernel_name=kernel_name, initrd=initrd_digest, initrd_name=initrd_name, append=profile.append,
+            created=time.time(), message=message, user=_user(), host=socket.gethostname(),
+            source=source or os.fspath(chroot), files=result["files"], size=result["bytes"],
+            new_bytes=result["new_bytes"] + manifest_new + gnew,
+            meta=metadata.collect(chroot, kept, kernel_name),
+        )
+        return gen, True
 
 
 def _user() -> str:

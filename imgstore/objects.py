@@ -53,12 +53,9 @@ def compressor() -> zstandard.ZstdCompressor:
 
 
 def loose_compressor(size: int | None) -> zstandard.ZstdCompressor:
-    if size is None or size >= LOOSE_LEVEL_MAX:
-        return compressor()
-    c: zstandard.ZstdCompressor | None = getattr(_local, "lc", None)
-    if c is None:
-        c = _local.lc = zstandard.ZstdCompressor(level=LOOSE_LEVEL)
-    return c
+    """A compressor of its own (not the thread's): a stream may be written while the same thread compresses
+    other things, e.g. the manifest while commit's walk finishes a pack."""
+    return zstandard.ZstdCompressor(level=LEVEL if size is None or size >= LOOSE_LEVEL_MAX else LOOSE_LEVEL)
 
 
 def decompressor() -> zstandard.ZstdDecompressor:

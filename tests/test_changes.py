@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from conftest import Cli, disk_state, write_profile
 
@@ -225,8 +226,10 @@ def test_noop_commit_writes_nothing_and_a_changed_file_rewrites_the_cache(store:
     changed = commit.commit(store, tree, "t", "changed", no_kernel=True)
     assert changed.created and changed.read_files == 1
     cache = StatCache.load(path, os.fspath(tree))
-    row = cache.rows[b"etc/motd"]
-    assert isinstance(row, bytes) and len(row) == 32 + 32  # four 8-byte stat fields and the raw digest
+    st = os.lstat(tree / "etc/motd")
+    row = cache._find(b"etc/motd")  # (a lookup would not trust a file changed a moment ago)
+    assert row is not None and len(row) == 32 + 32  # four 8-byte stat fields and the raw digest
+    assert row[8:16] == st.st_size.to_bytes(8, "little") and row[32:] == blake3.blake3(b"changed\n").digest()
     # A cache from an older format (or damaged) is ignored: the next commit reads everything, and works.
     path.write_bytes(b"imgstore-statcache 2\n" + b"\x00garbage")
     assert commit.commit(store, tree, "t", "after", no_kernel=True).read_files > 20
