@@ -77,12 +77,68 @@ class PackSlot:
     size: int
 
 
+_SIZE_BITS, _CLEN_BITS, _OFFSET_BITS = 40, 32, 40
+_SIZE_MASK, _CLEN_MASK, _OFFSET_MASK = (1 << _SIZE_BITS) - 1, (1 << _CLEN_BITS) - 1, (1 << _OFFSET_BITS) - 1
+_CLEN_SHIFT = _SIZE_BITS
+_OFFSET_SHIFT = _CLEN_SHIFT + _CLEN_BITS
+_PACK_SHIFT = _OFFSET_SHIFT + _OFFSET_BITS
+
+
+class PackIndex:
+    """Where each packed object is: raw digest -> pack number, offset, compressed length and size, packed in
+    one int (about 150 bytes an object instead of 250 for a dict of PackSlot objects: a store of a million
+    small files keeps a million of them). Objects of the pack being written are in it too, under a pack
+    number whose name is not known yet: they count as present but cannot be read before flush()."""
+
+    def __init__(self) -> None:
+        self.packs: list[str | None] = []
+        self.slots: dict[bytes, int] = {}
+
+    def new_pack(self, name: str | None = None) -> int:
+        self.packs.append(name)
+        return len(self.packs) - 1
+
+    @staticmethod
+    def pack_value(pack_no: int, offset: int, clen: int, size: int) -> int:
+        if size > _SIZE_MASK or clen > _CLEN_MASK or offset > _OFFSET_MASK:
+            raise IntegrityError("a pack index record is out of range", "run: imgstore verify")
+        return (pack_no << _PACK_SHIFT) | (offset << _OFFSET_SHIFT) | (clen << _CLEN_SHIFT) | size
+
+    def add(self, digest: bytes, pack_no: int, offset: int, clen: int, size: int) -> None:
+        """Record an object unless it is known already (the first pack that has it wins)."""
+        self.slots.setdefault(digest, self.pack_value(pack_no, offset, clen, size))
+
+    def get(self, digest: bytes) -> PackSlot | None:
+        v = self.slots.get(digest)
+        if v is None:
+            return None
+        name = self.packs[v >> _PACK_SHIFT]
+        if name is None:
+            return None  # in the pack being written
+        return PackSlot(name, (v >> _OFFSET_SHIFT) & _OFFSET_MASK, (v >> _CLEN_SHIFT) & _CLEN_MASK, v & _SIZE_MASK)
+
+    def __getitem__(self, digest: bytes) -> PackSlot:
+        slot = self.get(digest)
+        if slot is None:
+            raise KeyError(digest)
+        return slot
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self.slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def clear(self) -> None:
+        self.slots.clear()
+
+
 class ObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.loose_dir = root / "objects"
         self.pack_dir = root / "packs"
-        self._index: dict[bytes, PackSlot] | None = None
+        self._index: PackIndex | None = None
         self._loose: set[str] | None = None
         self._fds: dict[str, int] = {}
         self._writer: PackWriter | None = None
@@ -97,20 +153,21 @@ class ObjectStore:
         return self.pack_dir / f"{name}.pack"
 
     @property
-    def index(self) -> dict[bytes, PackSlot]:
+    def index(self) -> PackIndex:
         """Every pack's objects. gc rewrites a pack by copying what it keeps into a new pack before removing
         the old one, so a pack that vanishes between the listing and the reading of its index had a
         successor by then: the listing is read again until it names no pack not yet read. A reader that
         takes no lock (verify) thus never misses an object."""
         if self._index is None:
-            idx: dict[bytes, PackSlot] = {}
+            idx = PackIndex()
             seen: set[str] = set()
             while new := [n for n in self.pack_names() if n not in seen]:
                 for name in new:
                     seen.add(name)
+                    pack_no = idx.new_pack(name)
                     try:
-                        for digest, slot in read_pack_index(self.pack_path(name), name):
-                            idx.setdefault(digest, slot)
+                        for digest, offset, clen, size in pack_records(self.pack_path(name), name):
+                            idx.add(digest, pack_no, offset, clen, size)
                     except (IntegrityError, FileNotFoundError):
                         continue  # damaged (verify reports it; its objects count as missing) or removed by gc
             self._index = idx
@@ -142,12 +199,8 @@ class ObjectStore:
         return self._loose
 
     def has(self, digest: str) -> bool:
-        raw = bytes.fromhex(digest)
-        if raw in self.index:
-            return True
-        w = self._writer
-        if w is not None and raw in w.pending:
-            return True
+        if bytes.fromhex(digest) in self.index.slots:
+            return True  # packed, or in the pack being written
         if digest in self.loose:
             # Confirm on disk: a loose object may have been removed (gc, verify --repair) since the listing.
             if os.path.exists(self.loose_path(digest)):
@@ -161,15 +214,14 @@ class ObjectStore:
 
         `force`: store it even if a pack has it (gc and repair rewrite objects out of a pack)."""
         with self._lock:
-            if self.has(digest) and not (force and (self._writer is None or
-                                                    bytes.fromhex(digest) not in self._writer.pending)):
+            raw = bytes.fromhex(digest)
+            w = self._writer
+            if self.has(digest) and not (force and (w is None or not w.holds(raw))):
                 return 0
-            if self._writer is None:
-                self._writer = PackWriter(self.pack_dir)
-            self._writer.add(bytes.fromhex(digest), size, blob)
-            if force:
-                self.index.pop(bytes.fromhex(digest), None)  # the new pack's copy wins once it is durable
-            if self._writer.offset >= PACK_MAX:
+            if w is None:
+                w = self._writer = PackWriter(self.pack_dir, self.index)
+            w.add(raw, size, blob)
+            if w.offset >= PACK_MAX:
                 self._finish_pack()
             return len(blob)
 
@@ -233,14 +285,12 @@ class ObjectStore:
 
     def _finish_pack(self) -> None:
         w, self._writer = self._writer, None
-        if w is None or not w.pending:
-            if w is not None:
-                w.abort()
+        if w is None:
             return
-        name = w.finish()
-        idx = self.index
-        for digest, (offset, clen, size) in w.pending.items():
-            idx.setdefault(digest, PackSlot(name, offset, clen, size))
+        if not w.keys:
+            w.abort()
+            return
+        self.index.packs[w.pack_no] = w.finish()
 
     def flush(self) -> None:
         """Make every object written so far durable. Call before writing anything that references them."""
@@ -300,7 +350,8 @@ class ObjectStore:
             ) from None
         with f:
             try:
-                reader = decompressor().stream_reader(f, read_across_frames=True)
+                # A decompressor of its own: the caller may read other objects between two chunks.
+                reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
                 while chunk := reader.read(CHUNK):
                     if h is not None:
                         h.update(chunk)
@@ -357,15 +408,19 @@ def damaged(digest: str, why: str) -> IntegrityError:
 
 
 class PackWriter:
-    """Appends compressed objects to a temp pack; finish() makes it durable under its own hash."""
+    """Appends compressed objects to a temp pack, recording them in the store's index under a new pack
+    number; finish() makes it durable under its own hash, abort() takes them out of the index again."""
 
-    def __init__(self, pack_dir: Path) -> None:
+    def __init__(self, pack_dir: Path, index: PackIndex) -> None:
         pack_dir.mkdir(exist_ok=True)
         self.dir = pack_dir
+        self.index = index
+        self.pack_no = index.new_pack()
         self.tmp = tmp_name(pack_dir / "pack")
         self.f = open(self.tmp, "xb")
         self.hash = blake3.blake3()
-        self.pending: dict[bytes, tuple[int, int, int]] = {}
+        self.keys: list[bytes] = []  # this pack's objects
+        self.replaced: dict[bytes, int] = {}  # index entries a forced copy took over (gc, repair)
         self.offset = 0
         self._write(PACK_MAGIC)
 
@@ -381,15 +436,34 @@ class PackWriter:
         self.offset += len(data)
 
     def add(self, digest: bytes, size: int, blob: bytes) -> None:
-        self.pending[digest] = (self.offset, len(blob), size)
+        value = self.index.pack_value(self.pack_no, self.offset, len(blob), size)
+        old = self.index.slots.get(digest)
+        if old is not None and digest not in self.replaced:
+            self.replaced[digest] = old
+        self.index.slots[digest] = value
+        self.keys.append(digest)
         self._write(blob)
 
+    def holds(self, digest: bytes) -> bool:
+        v = self.index.slots.get(digest)
+        return v is not None and v >> _PACK_SHIFT == self.pack_no
+
     def finish(self) -> str:
-        records = b"".join(_REC.pack(d, o, c, s) for d, (o, c, s) in sorted(self.pending.items()))
-        index = compressor().compress(records)
+        # The index is compressed as it is built: at a million objects, whole it would be 52 MB of records
+        # (and a tuple and a string for each on the way).
+        slots = self.index.slots
+        self.keys.sort()
+        zstd = loose_compressor(None).compressobj(size=_REC.size * len(self.keys))
         index_offset = self.offset
-        self._write(index)
-        self._write(_TRAILER.pack(index_offset, len(index), INDEX_MAGIC))
+        buf = bytearray()
+        for d in self.keys:
+            v = slots[d]
+            buf += _REC.pack(d, (v >> _OFFSET_SHIFT) & _OFFSET_MASK, (v >> _CLEN_SHIFT) & _CLEN_MASK, v & _SIZE_MASK)
+            if len(buf) >= CHUNK:
+                self._write(zstd.compress(bytes(buf)))
+                buf.clear()
+        self._write(zstd.compress(bytes(buf)) + zstd.flush())
+        self._write(_TRAILER.pack(index_offset, self.offset - index_offset, INDEX_MAGIC))
         try:
             self.f.flush()
             os.fchmod(self.f.fileno(), 0o444)
@@ -403,9 +477,20 @@ class PackWriter:
         name = self.hash.hexdigest()
         os.rename(self.tmp, self.dir / f"{name}.pack")
         fsync_dir(self.dir)
+        self.keys.clear()
+        self.replaced.clear()
         return name
 
     def abort(self) -> None:
+        slots = self.index.slots
+        for d in self.keys:
+            old = self.replaced.get(d)
+            if old is None:
+                slots.pop(d, None)
+            else:
+                slots[d] = old
+        self.keys.clear()
+        self.replaced.clear()
         try:
             self.f.close()  # may flush into a full disk and fail again: the temp file goes regardless
         except OSError:
@@ -417,6 +502,13 @@ class PackWriter:
 
 
 def read_pack_index(path: Path, name: str) -> Iterator[tuple[bytes, PackSlot]]:
+    for digest, offset, clen, size in pack_records(path, name):
+        yield digest, PackSlot(name, offset, clen, size)
+
+
+def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int]]:
+    """A pack's index: (digest, offset, compressed length, size) for each object. Reads and checks the
+    trailer at once (IntegrityError, FileNotFoundError); the records as they are iterated."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -433,11 +525,14 @@ def read_pack_index(path: Path, name: str) -> Iterator[tuple[bytes, PackSlot]]:
         raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify") from None
     if len(records) % _REC.size:
         raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
-    for i in range(0, len(records), _REC.size):
-        digest, offset, clen, size = _REC.unpack_from(records, i)
+    return _records(records, index_offset, name)
+
+
+def _records(records: bytes, index_offset: int, name: str) -> Iterator[tuple[bytes, int, int, int]]:
+    for digest, offset, clen, size in _REC.iter_unpack(records):
         if offset + clen > index_offset:
             raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
-        yield digest, PackSlot(name, offset, clen, size)
+        yield digest, offset, clen, size
 
 
 def is_temp(name: str) -> bool:

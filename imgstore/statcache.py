@@ -241,16 +241,25 @@ class _Reader:
     """The old cache's header, then its records one at a time."""
 
     def __init__(self, f: BinaryIO) -> None:
-        from .objects import decompressor
+        import zstandard
 
         self.f = f
-        self.stream = decompressor().stream_reader(f, read_across_frames=True)
+        # A decompressor of its own, not the thread's: commit decompresses pack indexes meanwhile.
+        self.stream = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
         self.buf = b""
         self.pos = 0
 
     def need(self, n: int) -> bool:
         if len(self.buf) - self.pos < n:
-            self.buf = self.buf[self.pos:] + self.stream.read(max(n, _BUFFER))
+            parts = [self.buf[self.pos:]]
+            have = len(parts[0])
+            while have < n:  # a zstd stream may return less than asked for
+                more = self.stream.read(max(n - have, _BUFFER))
+                if not more:
+                    break
+                parts.append(more)
+                have += len(more)
+            self.buf = b"".join(parts)
             self.pos = 0
         return len(self.buf) - self.pos >= n
 
