@@ -257,6 +257,12 @@ def commit(
                 while pending:
                     take_head()
                 yield from ready()
+            if kernel is None and not no_kernel and profile.require_kernel and bootfiles.find(kept)[0] is None:
+                # Before anything is stored: the open pack is discarded, a small manifest never written.
+                raise NotFound(
+                    f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
+                    "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
+                )
             faults.point("commit.before-flush")
             objects.flush()  # every object durable before the manifest that names them
 
@@ -320,11 +326,6 @@ def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, i
         initrd_name = initrd.name
     elif i_entry is not None and not no_kernel:
         initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
-    if kernel_digest is None and not no_kernel and profile.require_kernel:
-        raise NotFound(
-            f"no kernel found in {chroot}/boot (vmlinuz-*) or at {chroot}/vmlinuz",
-            "install a kernel in the chroot, pass --kernel FILE, or pass --no-kernel",
-        )
 
     gen_text = generations.canonical(
         manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
