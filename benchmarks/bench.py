@@ -227,6 +227,14 @@ class Tool:
         return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else "?"
 
 
+def compile_checkout() -> None:
+    """Byte-compile this checkout's imgstore, as `pip install` does: run from a checkout with
+    PYTHONDONTWRITEBYTECODE set (as on the development machines), every command would compile its 40
+    modules from source first (+0.03 s on each command, nothing an installed imgstore pays)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.fspath(REPO_ROOT / "imgstore"),
+                    os.fspath(REPO_ROOT / "migrations")], check=True, stdout=subprocess.DEVNULL)
+
+
 class Imgstore(Tool):
     name = "imgstore"
     binary = "imgstore"
@@ -236,6 +244,8 @@ class Imgstore(Tool):
         found = shutil.which("imgstore")
         # Not installed: run the package from this checkout, as `python -m imgstore`.
         self.argv = [found] if found else [sys.executable, "-m", "imgstore"]
+        if not found:
+            compile_checkout()
         self.has_materialize = False
 
     def env(self, ws: Workspace | None = None) -> dict[str, str]:

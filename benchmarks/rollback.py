@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/rollback.json")
     args = ap.parse_args()
+    from benchmarks.bench import compile_checkout
+
+    compile_checkout()
     work = Path(tempfile.mkdtemp(prefix="imgstore-rollback-bench-"))
     try:
         t0 = time.perf_counter()

@@ -114,7 +114,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args()
     from benchmarks import rootfs
+    from benchmarks.bench import compile_checkout
 
+    compile_checkout()
     work = CACHE / "work"
     work.mkdir(parents=True, exist_ok=True)
     base = rootfs.minbase(dest=work / "minbase") if not (work / "minbase").exists() else work / "minbase"
