@@ -209,24 +209,22 @@ def commit(
                         result["new_objects"] += 1
                         result["new_bytes"] += added
 
-        def complete() -> Iterator[Entry]:
-            """The tree's entries in walk (= manifest) order, each as soon as it and all before it are known.
-            Files are read in batches by worker threads; the head of the line waits for its batch."""
+        def complete() -> Iterator[bytes]:
+            """The manifest: the tree's entries in walk (= manifest) order, each as soon as it and all before
+            it are known. Files are read in batches by worker threads; the line waits for its head's batch."""
             nonlocal batch, batch_bytes, entries
             line: deque[Found] = deque()
 
-            def ready() -> Iterator[Entry]:
-                while line and (line[0].entry.type != FILE or line[0].entry.digest):
-                    found = line.popleft()
-                    e = found.entry
-                    if e.type == FILE:
-                        cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, e.digest)
-                    yield e
+            def emit(found: Found) -> bytes:
+                e = found.entry
+                if e.type == FILE:
+                    cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, e.digest)
+                return e.encode()
 
+            yield manifest.HEADER
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
                 for found in entries_iter:
                     e = found.entry
-                    line.append(found)
                     entries += 1
                     if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
                         kept[e.path] = e
@@ -246,9 +244,17 @@ def commit(
                                 batch, batch_bytes = [], 0
                                 while len(pending) > WINDOW:
                                     take_head()
-                    while pending and (pending[0][1].done() or len(line) > MAX_WAITING):
-                        take_head()
-                    yield from ready()
+                    if not line and (e.type != FILE or e.digest):
+                        yield emit(found)  # nothing waits before it: the common case of an unchanged tree
+                    else:
+                        line.append(found)
+                        if len(line) > MAX_WAITING and batch:  # the head may be in a batch not yet full
+                            pending.append((batch, pool.submit(read_batch, batch)))
+                            batch, batch_bytes = [], 0
+                        while pending and (pending[0][1].done() or len(line) > MAX_WAITING):
+                            take_head()
+                        while line and (line[0].entry.type != FILE or line[0].entry.digest):
+                            yield emit(line.popleft())
                     if progress and entries % 256 == 0:
                         progress(entries, result["bytes"])
                 if batch:
@@ -256,7 +262,8 @@ def commit(
                     batch, batch_bytes = [], 0
                 while pending:
                     take_head()
-                yield from ready()
+                while line:
+                    yield emit(line.popleft())
             if kernel is None and not no_kernel and profile.require_kernel and bootfiles.find(kept)[0] is None:
                 # Before anything is stored: the open pack is discarded, a small manifest never written.
                 raise NotFound(
@@ -268,7 +275,7 @@ def commit(
 
         cache.begin(scan_started)
         try:
-            manifest_digest, mnew = objects.put_chunks(manifest.encode(complete()))
+            manifest_digest, mnew = objects.put_chunks(complete())
         except BaseException as exc:
             cache.discard()
             objects.abort()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from .durable import short_path
+from .durable import LONG_PATH, short_path
 from .errors import NotFound, UsageError
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
 
@@ -186,8 +186,11 @@ def _walk(
             report.excluded += 1
             continue
         try:
-            with short_path(abspath, root, rel) as p:
-                st = os.lstat(p)
+            if len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
+                st = os.lstat(abspath)
+            else:
+                with short_path(abspath, root, rel) as p:
+                    st = os.lstat(p)
         except FileNotFoundError:
             continue  # removed while we walk: it is simply not in this generation
         if st.st_dev != dev:
@@ -201,8 +204,11 @@ def _walk(
                 yield Found(e, abspath, st.st_ino, st.st_ctime_ns, root)
                 continue
             links[st.st_ino] = rel
-        with short_path(abspath, root, rel) as p:
-            entry = entry_from_stat(rel, p, st)
+        if len(abspath) < LONG_PATH:
+            entry = entry_from_stat(rel, abspath, st)
+        else:
+            with short_path(abspath, root, rel) as p:
+                entry = entry_from_stat(rel, p, st)
         if entry is None:
             report.skipped_sockets.append("/" + os.fsdecode(rel))
             continue

@@ -93,3 +93,41 @@ def test_a_damaged_cache_costs_reading_not_correctness(store: Store, tmp_path: P
     assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0  # rewritten whole
     path.write_bytes(b"imgstore-statcache 4\n" + os.urandom(5000))
     assert commit.commit(store, tree, "t", "four", no_kernel=True).read_files == 20_000
+
+
+def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # One changed file at the start of a tree of cached ones: its batch never fills, so it is sent off
+    # once MAX_WAITING entries wait behind it (else the whole tree would wait in memory).
+    write_profile(store.root, "t")
+    tree = _tree(tmp_path / "chroot", 3, 100)
+    _settle()
+    commit.commit(store, tree, "t", "one", no_kernel=True)
+    (tree / "d000/f0000").write_bytes(b"changed")
+    _settle()
+    monkeypatch.setattr(commit, "MAX_WAITING", 8)
+    walked = [0]
+    real_scan = commit.scan
+
+    def counting_scan(*args, **kwargs):  # type: ignore[no-untyped-def]
+        it, report = real_scan(*args, **kwargs)
+
+        def counted():  # type: ignore[no-untyped-def]
+            for found in it:
+                walked[0] += 1
+                yield found
+
+        return counted(), report
+
+    read_at: list[int] = []
+    real_read = commit._Reader.__call__
+
+    def spy(self: commit._Reader, found: commit.Found) -> tuple[str, bytes | None, int, int]:
+        read_at.append(walked[0])
+        return real_read(self, found)
+
+    monkeypatch.setattr(commit, "scan", counting_scan)
+    monkeypatch.setattr(commit._Reader, "__call__", spy)
+    second = commit.commit(store, tree, "t", "two", no_kernel=True)
+    assert second.created and second.read_files == 1 and len(read_at) == 1
+    assert read_at[0] < 20 < second.entries  # read while the walk was near it, not after all 304 entries
+    assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0
