@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import blake3
 import zstandard
@@ -507,32 +507,56 @@ def read_pack_index(path: Path, name: str) -> Iterator[tuple[bytes, PackSlot]]:
 
 
 def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int]]:
-    """A pack's index: (digest, offset, compressed length, size) for each object. Reads and checks the
-    trailer at once (IntegrityError, FileNotFoundError); the records as they are iterated."""
+    """A pack's index: (digest, offset, compressed length, size) for each object. Checks the trailer at
+    once (IntegrityError, FileNotFoundError); decompresses the records as they are iterated, so that a
+    million of them never sit in memory as one 52 MB string."""
+    f = open(path, "rb")
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            if end < len(PACK_MAGIC) + _TRAILER.size:
-                raise IntegrityError(f"pack {name[:16]} is truncated", "run: imgstore verify")
-            f.seek(end - _TRAILER.size)
-            index_offset, index_len, magic = _TRAILER.unpack(f.read(_TRAILER.size))
-            if magic != INDEX_MAGIC or index_offset + index_len + _TRAILER.size != end:
-                raise IntegrityError(f"pack {name[:16]} has a damaged trailer", "run: imgstore verify")
-            f.seek(index_offset)
-            records = decompressor().decompress(f.read(index_len), max_output_size=index_len * 64 + (1 << 20))
-    except zstandard.ZstdError:
-        raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify") from None
-    if len(records) % _REC.size:
-        raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
-    return _records(records, index_offset, name)
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        if end < len(PACK_MAGIC) + _TRAILER.size:
+            raise IntegrityError(f"pack {name[:16]} is truncated", "run: imgstore verify")
+        f.seek(end - _TRAILER.size)
+        index_offset, index_len, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+        if magic != INDEX_MAGIC or index_offset + index_len + _TRAILER.size != end:
+            raise IntegrityError(f"pack {name[:16]} has a damaged trailer", "run: imgstore verify")
+        f.seek(index_offset)
+    except BaseException:
+        f.close()
+        raise
+    return _records(f, index_offset, index_len, name)
 
 
-def _records(records: bytes, index_offset: int, name: str) -> Iterator[tuple[bytes, int, int, int]]:
-    for digest, offset, clen, size in _REC.iter_unpack(records):
-        if offset + clen > index_offset:
-            raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
-        yield digest, offset, clen, size
+def _records(f: BinaryIO, index_offset: int, index_len: int, name: str) -> Iterator[tuple[bytes, int, int, int]]:
+    damaged = IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+    limit = index_len * 64 + (1 << 20)  # no more than zstd can expand this much to (a hostile pack)
+    with f:
+        # decompressobj, fed exactly the index's bytes: a stream reader would read on into the trailer.
+        dobj = zstandard.ZstdDecompressor().decompressobj()  # its own: the caller may decompress meanwhile
+        rest = b""
+        total = 0
+        left = index_len
+        try:
+            while left:
+                compressed = f.read(min(left, 1 << 20))
+                if not compressed:
+                    raise damaged
+                left -= len(compressed)
+                chunk = dobj.decompress(compressed)
+                total += len(chunk)
+                if total > limit:
+                    raise damaged
+                data = rest + chunk if rest else chunk
+                usable = len(data) - len(data) % _REC.size
+                for digest, offset, clen, size in _REC.iter_unpack(memoryview(data)[:usable]):
+                    if offset + clen > index_offset:
+                        raise damaged
+                    yield digest, offset, clen, size
+                rest = data[usable:]
+        except zstandard.ZstdError:
+            raise damaged from None
+        if rest or not dobj.eof:  # a partial record, or a frame cut short
+            raise damaged
 
 
 def is_temp(name: str) -> bool:
