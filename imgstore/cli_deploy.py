@@ -1,6 +1,7 @@
 """Deploy commands: rollout, rollback, pin, status, history, sync, materialize, adopt, and node management."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: typer would eval every annotation of every command as a string
+# on each start (15 ms of every command, docs/benchmarks.md).
 
 import os
 import sys

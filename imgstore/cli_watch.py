@@ -1,6 +1,7 @@
 """Commands on a live chroot: `status CHROOT` (rendered here, registered in cli_deploy) and `watch`."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: typer would eval every annotation of every command as a string
+# on each start (15 ms of every command, docs/benchmarks.md).
 
 import json
 import signal
