@@ -8,9 +8,7 @@ which gc removes; never a row that points at something missing.
 from __future__ import annotations
 
 import errno
-import getpass
 import os
-import socket
 import stat
 import time
 from collections import deque
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from . import bootfiles, faults, generations, manifest, metadata
+from . import audit, bootfiles, faults, generations, manifest, metadata
 from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
@@ -348,7 +346,7 @@ def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, i
         gen = generations.add(
             conn, profile=profile.name, gen_id=gen_id, manifest=manifest_digest, kernel=kernel_digest,
             kernel_name=kernel_name, initrd=initrd_digest, initrd_name=initrd_name, append=profile.append,
-            created=time.time(), message=message, user=_user(), host=socket.gethostname(),
+            created=time.time(), message=message, user=audit.user(), host=audit.host(),
             source=source or os.fspath(chroot), files=result["files"], size=result["bytes"],
             new_bytes=result["new_bytes"] + manifest_new + gnew,
             meta=metadata.collect(chroot, kept, kernel_name),
@@ -356,10 +354,5 @@ def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, i
         return gen, True
 
 
-def _user() -> str:
-    try:
-        return os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 

@@ -11,10 +11,8 @@ command) repairs. Order: tree and TFTP files durable -> database row -> visible 
 from __future__ import annotations
 
 import errno
-import getpass
 import json
 import os
-import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -233,15 +231,13 @@ def apply(store: Store, want: Desired) -> list[str]:
 # -- commands -----------------------------------------------------------------------------------
 def record(conn: Connection, profile: str, kind: str, frm: Generation | None, to: Generation | None,
             node: str | None = None, moved: list[str] | None = None) -> None:
-    try:
-        user = os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
+    from .audit import host, user
+
     conn.execute(
         'INSERT INTO activations (at, profile, kind, node, from_gen, to_gen, "user", host, nodes) '
         "VALUES (:at, :profile, :kind, :node, :from_gen, :to_gen, :user, :host, :nodes)",
         {"at": time.time(), "profile": profile, "kind": kind, "node": node, "from_gen": frm.pk if frm else None,
-         "to_gen": to.pk if to else None, "user": user, "host": socket.gethostname(),
+         "to_gen": to.pk if to else None, "user": user(), "host": host(),
          "nodes": json.dumps(moved or [])},
     )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ StrPath = str | os.PathLike[str]
 
 def tmp_name(target: StrPath) -> Path:
     target = Path(target)
-    return target.with_name(f"{TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"[:250])
+    return target.with_name(f"{TMP_PREFIX}{os.urandom(6).hex()}-{target.name}"[:250])
 
 
 def fsync_dir(path: StrPath) -> None:
