@@ -128,12 +128,17 @@ def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
     sources: dict[int, str] = {}
     todo: dict[str, tuple[Entry, str]] = {}
     base = os.fspath(store.root / MAT)
+    present: dict[str, set[str]] = {}  # the regular files of each subfolder: one listing, not a stat a file
     for e in es:
         if e.type != FILE:
             continue
         key = mat_key(e)
-        path = sources[id(e)] = f"{base}/{key[:2]}/{key}"
-        if key not in todo and not _is_file(path):
+        sub = key[:2]
+        names = present.get(sub)
+        if names is None:
+            names = present[sub] = _regular_files(f"{base}/{sub}")
+        path = sources[id(e)] = f"{base}/{sub}/{key}"
+        if key not in names and key not in todo:
             todo[key] = (e, path)
     if todo:
         _real_dir(store.root / MAT)
@@ -142,6 +147,14 @@ def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
     for key, (e, path) in todo.items():
         _make_mat(store, e, path, f"{base}/{TMP_PREFIX}{key}")
     return sources
+
+
+def _regular_files(folder: str) -> set[str]:
+    try:
+        with os.scandir(folder) as it:
+            return {d.name for d in it if d.is_file(follow_symlinks=False)}  # a planted symlink is not one
+    except FileNotFoundError:
+        return set()
 
 
 def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
