@@ -27,7 +27,7 @@ from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry
-from .objects import LOOSE_MIN, compressor
+from .objects import LOOSE_MIN, ObjectStore, compressor
 from .scan import Found, scan
 from .statcache import StatCache, cache_path
 from .store import Store
@@ -318,20 +318,8 @@ def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, i
     """Boot files, the generation object and the database row. Returns (generation, created)."""
     objects = store.objects
     k_entry, i_entry = bootfiles.find(kept)
-    kernel_digest = kernel_name = initrd_digest = initrd_name = None
-    if kernel is not None:
-        with open(kernel, "rb") as f:
-            kernel_digest, _ = objects.put_stream(f)
-        kernel_name = kernel.name
-    elif k_entry is not None and not no_kernel:
-        kernel_digest, kernel_name = k_entry.digest, os.fsdecode(k_entry.path).rsplit("/", 1)[-1]
-    if initrd is not None:
-        with open(initrd, "rb") as f:
-            initrd_digest, _ = objects.put_stream(f)
-        initrd_name = initrd.name
-    elif i_entry is not None and not no_kernel:
-        initrd_digest, initrd_name = i_entry.digest, os.fsdecode(i_entry.path).rsplit("/", 1)[-1]
-
+    kernel_digest, kernel_name = _boot_file(objects, kernel, k_entry, no_kernel)
+    initrd_digest, initrd_name = _boot_file(objects, initrd, i_entry, no_kernel)
     gen_text = generations.canonical(
         manifest_digest, kernel_digest, kernel_name, initrd_digest, initrd_name, profile.append
     )
@@ -354,5 +342,13 @@ def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, i
         return gen, True
 
 
-
-
+def _boot_file(objects: ObjectStore, given: Path | None, found: Entry | None,
+               no_kernel: bool) -> tuple[str | None, str | None]:
+    """(digest, name) of a kernel or initrd: the file given on the command line, else the one in the tree."""
+    if given is not None:
+        with open(given, "rb") as f:
+            digest, _ = objects.put_stream(f)
+        return digest, given.name
+    if found is not None and not no_kernel:
+        return found.digest, os.fsdecode(found.path).rsplit("/", 1)[-1]
+    return None, None
