@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 HEAD = "0002"  # the newest migration; tests check it matches migrations/versions
 
 Params = Mapping[str, Any]
+# Every SQLite connection, whichever library opens it. synchronous=FULL: a committed row survives power loss
+# before the visible switch that follows it.
+SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=FULL")
 
 
 class Row(Protocol):
@@ -113,10 +116,8 @@ class SqliteDatabase(Database):
         raw = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         try:
             raw.row_factory = sqlite3.Row
-            raw.execute("PRAGMA foreign_keys=ON")
-            raw.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed row survives power loss before the visible switch that follows it.
-            raw.execute("PRAGMA synchronous=FULL")
+            for pragma in SQLITE_PRAGMAS:
+                raw.execute(f"PRAGMA {pragma}")
         except BaseException:
             raw.close()
             raise
@@ -227,7 +228,7 @@ def sqlalchemy_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        for pragma in ("foreign_keys=ON", "journal_mode=WAL", "synchronous=FULL"):
+        for pragma in SQLITE_PRAGMAS:
             dbapi_conn.execute(f"PRAGMA {pragma}")
 
     return engine
