@@ -1,4 +1,5 @@
-"""Entry point. `imgstore --version` answers before anything heavy is imported."""
+"""Entry point. `imgstore --version` answers before anything heavy is imported; with `imgstore serve`
+running, the command runs in the server (imgstore/server.py) and nothing heavy is imported here at all."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ def main() -> None:
 
         print(f"imgstore {__version__}")
         return
+    from .server import forward
+
+    code = forward(sys.argv)
+    if code is not None:
+        sys.exit(code)
     from .cli_run import run
 
     run()

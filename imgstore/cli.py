@@ -38,6 +38,7 @@ app.add_typer(profile_app, name="profile")
 class State:
     root: Path | None = None
     store: Any = None
+    interrupted = False  # by Ctrl-C or SIGTERM, and not handled by the command itself
 
 
 state = State()

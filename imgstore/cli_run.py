@@ -14,30 +14,37 @@ from .cli import app, shown, state
 from .errors import ConfigError, Conflict, ImgstoreError, NotFound, UsageError
 
 
-def run() -> None:
-    """Run the app, turning library errors into one line and an exit code; audit what changed things."""
+def load_commands() -> None:
+    """Each module registers its commands on `app`; optional ones may be missing in a partial checkout."""
     import importlib
 
-    # Each module registers its commands on `app`; optional ones may be missing in a partial checkout.
     for mod in ("cli_deploy", "cli_day2", "cli_watch"):
         try:
             importlib.import_module(f".{mod}", __package__)
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.{mod}":
                 raise
+
+
+def run(command: Any = None) -> None:
+    """Run the app (or `command`, the app's click command built beforehand by `imgstore serve`), turning
+    library errors into one line and an exit code; audit what changed things."""
+    load_commands()
     import signal
 
     # What imgstore creates must not depend on the operator's umask: the store is writable by its owner
     # only, the TFTP root readable by everyone (tftpd drops privileges). Explicit modes do the rest.
     os.umask(0o022)
 
-    def _terminated(_signum: int, _frame: object) -> None:
+    def _interrupted(_signum: int, _frame: object) -> None:
+        state.interrupted = True  # typer turns the KeyboardInterrupt into a silent exit code 130
         raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temp files removed, exit code 130
 
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     code, message = 0, ""
     try:
-        rc = app(standalone_mode=False)
+        rc = (command or app)(standalone_mode=False)
         code = rc if isinstance(rc, int) else 0
     except ImgstoreError as exc:
         code, message = exc.exit_code, str(exc)
@@ -80,6 +87,8 @@ def run() -> None:
         else:
             code, message = 1, (f"unexpected {type(exc).__name__}: {exc} (re-run with IMGSTORE_DEBUG=1 for a "
                                 "traceback and report it)")
+    if code == 130 and not message and state.interrupted:
+        code, message = 130, "interrupted; nothing half-written is visible (the next command cleans up temp files)"
     _audit(code, message)
     if message:
         _fail(message, code)

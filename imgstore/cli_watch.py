@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import app, emit_json, human_bytes, report_skipped
+from .cli import app, emit_json, human_bytes, report_skipped, state
 
 SHOW_MAX = 100  # lines per kind; --json lists everything
 
@@ -115,6 +115,7 @@ def watch(
         w.run()
     except KeyboardInterrupt:
         code = 130
+        state.interrupted = False  # a way to stop, not a failure: the notice below says so
     finally:
         signal.signal(signal.SIGTERM, previous)
         made = [c.generation.ref for c in w.commits if c.created]
@@ -165,3 +166,43 @@ class _Output:
         else:
             print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
+
+
+@app.command()
+def serve(
+    socket_path: Annotated[Optional[str], typer.Option(
+        "--socket", help="Where to listen [default: $IMGSTORE_SOCKET, else /run/imgstore.sock for root, else "
+        "$XDG_RUNTIME_DIR/imgstore.sock].")] = None,
+) -> None:
+    """Keep imgstore loaded so that every command starts in milliseconds; runs until SIGTERM or Ctrl-C.
+
+    Commands find the server by the same socket path and run in a fresh worker forked from it, with the
+    caller's terminal, directory, environment and user; without a server they run as before. Only the
+    server's own user may use it. After an upgrade it stops (run it under systemd with Restart=always).
+
+    Example: imgstore serve ; IMGSTORE_SOCKET=/tmp/imgstore.sock imgstore serve
+    """
+    from .cli_run import run
+    from .errors import UsageError
+    from .server import serve as serve_forever
+    from .server import socket_path as default_path
+
+    path = socket_path or default_path()
+    if not path:
+        raise UsageError("no socket path: not root and XDG_RUNTIME_DIR is not set",
+                         "give --socket PATH (and the same IMGSTORE_SOCKET=PATH to the commands)")
+    _warm_up()
+    command = typer.main.get_command(app)
+    serve_forever(path, lambda: run(command), lambda text: print(f"{time.strftime('%H:%M:%S')} {text}",
+                                                                file=sys.stderr, flush=True))
+
+
+def _warm_up() -> None:
+    """Import what commands use, once, in the server: its workers start with all of it loaded."""
+    import importlib
+
+    for mod in ("audit", "checkout", "commit", "db", "deploy", "diff", "gc", "generations", "materialize",
+                "nodes", "objects", "profiles", "status", "store", "verify"):
+        importlib.import_module(f".{mod}", __package__)
+    for mod in ("sqlite3", "rich.console", "rich.table", "concurrent.futures"):
+        importlib.import_module(mod)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import signal
 
-_SPEC = os.environ.get("IMGSTORE_FAULT", "")
-
 PAUSE_POINTS = {
     "verify.after-listing": "verify has read the generations from the database and no object yet",
     "verify.after-objects": "verify has hashed every pack and loose object and read no manifest yet",
@@ -32,9 +30,10 @@ class InjectedFault(RuntimeError):
 
 
 def point(name: str) -> None:
-    if not _SPEC:
+    spec = os.environ.get("IMGSTORE_FAULT")  # read each time: a worker of `imgstore serve` takes its client's
+    if not spec:
         return
-    target, _, how = _SPEC.partition(":")
+    target, _, how = spec.partition(":")
     if target != name:
         return
     if how == "kill":
