@@ -63,8 +63,8 @@ def restore(
 ) -> CheckoutResult:
     """Create every entry under `dest`, which must exist and be empty.
 
-    With `link_source`, regular files become hardlinks to the path it returns (materialize's shared
-    copies) instead of new files.
+    With `link_source`, regular files and symlinks become hardlinks to the path it returns (materialize's
+    shared copies) instead of new ones.
     """
     if link_source is None:  # with it, no object is read (materialize checked them before its copies)
         check_objects(objects, entries)
@@ -92,10 +92,11 @@ def restore(
                     os.mkdir(name, 0o700, dir_fd=pfd)
                     stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), e))
                     continue
-                if e.type == FILE and link_source is not None:
+                if link_source is not None and (e.type == FILE or e.type == SYMLINK):
                     os.link(link_source(e), name, dst_dir_fd=pfd, follow_symlinks=False)
-                    nfiles += 1
-                    nbytes += e.size
+                    if e.type == FILE:
+                        nfiles += 1
+                        nbytes += e.size
                 elif e.type == FILE:
                     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o600, dir_fd=pfd)

@@ -169,8 +169,9 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         faults.point("gc.before-mat-sweep")
         # 4. Shared copies no tree or TFTP file links to any more.
         mat = store.root / MAT
-        for dirpath, _dirs, files in os.walk(mat):
-            for f in files:
+        for dirpath, dirs, files in os.walk(mat):
+            # A shared symlink to a directory is listed among the folders (walk follows it to classify it).
+            for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
                 path = os.path.join(dirpath, f)
                 st = os.lstat(path)
                 if st.st_nlink == 1:

@@ -1,10 +1,12 @@
 """materialize: lay a generation out as a read-only tree that NFS can export, once, at its own path.
 
     <store>/<gen id>-<profile>-rootfs/     the tree (never changed once renamed into place)
-    <store>/mat/<2 hex>/<key>              one uncompressed copy per content + owner + mode + xattrs + mtime
+    <store>/mat/<2 hex>/<key>              one uncompressed copy per content + owner + mode + xattrs + mtime,
+                                           one symlink per target + owner + xattrs + mtime
 
-Every regular file in a tree is a hardlink to its copy in mat/, so generations that share files share
-storage: ten generations differing by one package cost one tree's worth of data plus directories.
+Every regular file and symlink in a tree is a hardlink to its copy in mat/, so generations that share files
+share storage: ten generations differing by one package cost one tree's worth of data plus directories.
+(Linking a symlink costs a tenth of creating one on ext4, as ostree's bare checkouts do too.)
 The tree is built under a temp name and renamed into place, so a half-built tree is never visible; a
 temp tree left by a crash (or by an earlier boot of the server) is discarded, never reused.
 """
@@ -20,10 +22,10 @@ import blake3
 
 from . import faults
 from .browse import entries as manifest_entries
-from .checkout import _apply_fd, _write_content, check_objects, restore
+from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
 from .durable import TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
 from .generations import Generation
-from .manifest import FILE, Entry
+from .manifest import FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
@@ -34,7 +36,8 @@ def tree_path(store: Store, gen: Generation) -> Path:
 
 
 def mat_key(e: Entry) -> str:
-    h = blake3.blake3(e.digest.encode())
+    """A regular file's key starts from its content's digest (64 hex digits), a symlink's from its target."""
+    h = blake3.blake3(e.digest.encode() if e.type == FILE else b"symlink\0" + e.target)
     h.update(b"%d %d %o %d %d" % (e.uid, e.gid, e.mode, e.mtime_ns, e.sparse))
     for k, v in e.xattrs:
         h.update(b"\0" + k + b"\0" + v)
@@ -123,22 +126,23 @@ def _real_dir(p: Path) -> None:
 
 
 def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
-    """Make sure every file's shared copy exists and return {id(entry): its path}, so that restore() only
-    links. (Two worker threads made no difference here: creating files is bound by the filesystem.)"""
+    """Make sure every file's and symlink's shared copy exists and return {id(entry): its path}, so that
+    restore() only links. (Two worker threads made no difference here: creating files is bound by the
+    filesystem.)"""
     sources: dict[int, str] = {}
     todo: dict[str, tuple[Entry, str]] = {}
     base = os.fspath(store.root / MAT)
-    present: dict[str, set[str]] = {}  # the regular files of each subfolder: one listing, not a stat a file
+    present: dict[str, tuple[set[str], set[str]]] = {}  # each subfolder's files and symlinks: one listing
     for e in es:
-        if e.type != FILE:
+        if e.type != FILE and e.type != SYMLINK:
             continue
         key = mat_key(e)
         sub = key[:2]
-        names = present.get(sub)
-        if names is None:
-            names = present[sub] = _regular_files(f"{base}/{sub}")
+        listing = present.get(sub)
+        if listing is None:
+            listing = present[sub] = _listing(f"{base}/{sub}")
         path = sources[id(e)] = f"{base}/{sub}/{key}"
-        if key not in names and key not in todo:
+        if key not in listing[e.type == SYMLINK] and key not in todo:
             todo[key] = (e, path)
     if todo:
         _real_dir(store.root / MAT)
@@ -149,12 +153,20 @@ def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
     return sources
 
 
-def _regular_files(folder: str) -> set[str]:
+def _listing(folder: str) -> tuple[set[str], set[str]]:
+    """The regular files and the symlinks in a mat/ subfolder: a symlink at a file's key is not its copy."""
+    files: set[str] = set()
+    links: set[str] = set()
     try:
         with os.scandir(folder) as it:
-            return {d.name for d in it if d.is_file(follow_symlinks=False)}  # a planted symlink is not one
+            for d in it:
+                if d.is_symlink():
+                    links.add(d.name)
+                elif d.is_file(follow_symlinks=False):
+                    files.add(d.name)
     except FileNotFoundError:
-        return set()
+        pass
+    return files, links
 
 
 def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
@@ -174,6 +186,9 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
 def _make_mat(store: Store, e: Entry, path: str, tmp: str) -> None:
     """Write the copy under a temp name in mat/ itself (not in its 256 subfolders: finding a killed
     command's leftovers is then one listing, which every commit does), then rename it into place."""
+    if e.type == SYMLINK:
+        _make_mat_symlink(e, path, tmp)
+        return
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o600)
@@ -191,5 +206,24 @@ def _make_mat(store: Store, e: Entry, path: str, tmp: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space(os.path.dirname(path), exc, e.size) from exc
         raise
+    faults.point("materialize.before-mat-rename")
+    os.rename(tmp, path)
+
+
+def _make_mat_symlink(e: Entry, path: str, tmp: str) -> None:
+    try:
+        os.symlink(e.target, tmp)
+    except FileExistsError:  # left by a killed command
+        os.unlink(tmp)
+        os.symlink(e.target, tmp)
+    folder, name = os.path.split(tmp)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _apply_path(dfd, os.fsencode(name), e, own=os.geteuid() == 0, symlink=True)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        os.close(dfd)
     faults.point("materialize.before-mat-rename")
     os.rename(tmp, path)

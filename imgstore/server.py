@@ -143,6 +143,9 @@ def serve(path: str, run: Callable[[], None], on_notice: Callable[[str], None]) 
                        "stop it first (systemctl stop imgstore, or kill its PID), or give another --socket")
     finally:
         probe.close()
+    import gc
+
+    gc.freeze()  # what is loaded now stays out of the workers' collections: fewer copy-on-write page faults
     identity = _identity()
     listener = _listen(path)
     mine = os.lstat(path).st_ino

@@ -440,3 +440,38 @@ def test_profile_rollout_renames_one_link_whatever_the_node_count(fleet: Path, c
     assert cli("rollback", "--node", "www3").returncode == 0
     assert os.readlink(www3) == "imgstore/profile-web" and www3.read_text() == www1.read_text()
     assert cli("status").returncode == 0
+
+
+def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_path: Path) -> None:
+    """Symlinks are hardlinks to one mat/ symlink per target and metadata; gc frees those no tree uses."""
+    tree = tmp_path / "chroot"
+    (tree / "usr/bin").mkdir(parents=True)
+    os.symlink("../share/big", tree / "usr/bin/rel")
+    os.symlink("/usr/bin", tree / "usr/abs-dir")  # a shared link to a host directory: never followed
+    os.symlink("../share/big", tree / "usr/bin/same-target")
+    os.utime(tree / "usr/bin/same-target", ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
+    for motd in ("four\n", "five\n"):
+        (tree / "etc/motd").write_text(motd)
+        assert cli("commit", tree, "-p", "web").returncode == 0
+    os.unlink(tree / "usr/abs-dir")
+    (tree / "etc/motd").write_text("six\n")
+    assert cli("commit", tree, "-p", "web").returncode == 0
+    for ref in ("web@4", "web@5", "web@6"):
+        assert cli("materialize", ref).returncode == 0
+    t4, t5, t6 = (fleet / f"{_gen(cli, ref)['gen_id']}-web-rootfs" for ref in ("web@4", "web@5", "web@6"))
+    rel4, rel5 = (t / "usr/bin/rel" for t in (t4, t5))
+    assert rel4.lstat().st_ino == rel5.lstat().st_ino and rel4.lstat().st_nlink == 4  # mat/ + 3 trees
+    assert os.readlink(rel4) == "../share/big" and rel4.read_bytes() == (t4 / "usr/share/big").read_bytes()
+    same = t4 / "usr/bin/same-target"  # same target, other mtime: its own shared symlink
+    assert same.lstat().st_ino != rel4.lstat().st_ino
+    assert same.lstat().st_mtime_ns == 1_000_000_000
+    assert rel4.lstat().st_mtime_ns == (tree / "usr/bin/rel").lstat().st_mtime_ns
+    assert os.readlink(t4 / "usr/abs-dir") == "/usr/bin" and (t4 / "usr/abs-dir").lstat().st_nlink == 3
+    mat_links = {p for p in (fleet / "mat").rglob("*") if p.is_symlink()}
+    assert len(mat_links) == 3
+    assert cli("verify").returncode == 0
+    assert cli("rollout", "web@6").returncode == 0
+    assert cli("gc", "--keep", "0").returncode == 0  # only web@6 stays: the link to /usr/bin goes
+    remaining = {os.readlink(p) for p in (fleet / "mat").rglob("*") if p.is_symlink()}
+    assert remaining == {"../share/big"}
+    assert os.path.isdir("/usr/bin") and t6.is_dir()
