@@ -26,9 +26,9 @@ from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
-from .manifest import FILE, HARDLINK, SYMLINK, Entry
+from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line, line_digest
 from .objects import LOOSE_MIN, ObjectStore, compressor
-from .scan import Found, scan
+from .scan import Found, Walked, found, walk
 from .statcache import StatCache, cache_path
 from .store import Store
 
@@ -89,7 +89,7 @@ class _Reader:
                 ) from None
             try:
                 before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode) or before.st_ino != found.ino:
+                if not stat.S_ISREG(before.st_mode) or before.st_ino != found.st.st_ino:
                     raise ChangedWhileReading(
                         f"{os.fsdecode(found.abspath)} was replaced while commit read it",
                         "let the chroot settle and run commit again",
@@ -115,7 +115,7 @@ class _Reader:
             e.size, e.mtime_ns = before.st_size, before.st_mtime_ns
             e.mode, e.uid, e.gid = stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid
             e.sparse = before.st_size > 0 and before.st_blocks * 512 < before.st_size
-            found.ctime_ns = before.st_ctime_ns
+            found.st = before
             return result
         raise ChangedWhileReading(
             f"{os.fsdecode(found.abspath)} kept changing while commit read it ({RETRIES} tries)",
@@ -133,6 +133,20 @@ def _read_all(fd: int, size: int) -> bytes:
         chunks.append(b)
         want -= len(b)
     return b"".join(chunks)
+
+
+Ready = tuple[bytes, os.stat_result, bytes]  # an entry's path, lstat and manifest line
+
+
+def _ready(item: Ready | Found) -> bool:
+    return not isinstance(item, Found) or bool(item.entry.digest)
+
+
+def _stored(objects: ObjectStore, text: bytes | None) -> bool:
+    """Whether `text`, a cached line, names a file's content and the store has it (gc may have removed it; a
+    hardlink's line names none, and a file's line was a hardlink's if the first path of its group is gone)."""
+    digest = None if text is None else line_digest(text)
+    return digest is not None and objects.has(digest)
 
 
 _LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
@@ -166,7 +180,8 @@ def commit(
             raise NotFound(f"{what} {p} is not a file", f"give the path of the {what[2:]} image")
     if no_kernel and (kernel or initrd):
         raise UsageError("--no-kernel contradicts --kernel/--initrd", "give one or the other")
-    entries_iter, report = scan(chroot, profile.excludes)
+    walked, report = walk(chroot, profile.excludes)
+    root = os.fsencode(chroot)
     _ = store.engine  # open and check the database before doing any work
 
     with nullcontext() if locked else store_lock(store.root, "commit", wait):
@@ -207,52 +222,76 @@ def commit(
                         result["new_objects"] += 1
                         result["new_bytes"] += added
 
+        def cached(w: Walked, text: bytes) -> bool:
+            """Whether `text`, the cached line of a walked entry, can be used: the hardlink group it names is the
+            walk's, and the content it names was not removed by gc."""
+            rel, _abspath, st, first = w
+            if first is None and stat.S_ISREG(st.st_mode):
+                if not _stored(objects, text):
+                    return False
+                result["files"] += 1
+                result["bytes"] += st.st_size
+            if first is not None or stat.S_ISLNK(st.st_mode) or rel.startswith(b"boot/") or rel in _LOOKED_AT:
+                e = decode_line(text[:-1])
+                if first is not None and (e.type != HARDLINK or e.target != first):
+                    return False
+                kept[rel] = e
+            return True
+
         def complete() -> Iterator[bytes]:
             """The manifest: the tree's entries in walk (= manifest) order, each as soon as it and all before
-            it are known. Files are read in batches by worker threads; the line waits for its head's batch."""
+            it are known. An entry as the stat cache found it is its cached line; files are read in batches by
+            worker threads, and a line waits for its head's batch."""
             nonlocal batch, batch_bytes, entries
-            line: deque[Found] = deque()
+            waiting: deque[Ready | Found] = deque()
 
-            def emit(found: Found) -> bytes:
-                e = found.entry
-                if e.type == FILE:
-                    cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, e.digest)
-                return e.encode()
+            def emit(item: Ready | Found) -> bytes:
+                if isinstance(item, Found):
+                    item = (item.entry.path, item.st, item.entry.encode())
+                rel, st, text = item
+                cache.record(rel, st, text)
+                return text
 
             yield manifest.HEADER
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-                for found in entries_iter:
-                    e = found.entry
+                for w in walked:
                     entries += 1
-                    if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
-                        kept[e.path] = e
-                    if e.type == FILE:
-                        result["files"] += 1
-                        result["bytes"] += e.size
-                        digest = cache.lookup(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns)
-                        if digest is not None and objects.has(digest):
-                            e.digest = digest
-                        else:
+                    text = cache.lookup(w[0], w[2])
+                    item: Ready | Found
+                    if text is not None and cached(w, text):
+                        item = (w[0], w[2], text)
+                    else:
+                        if text is not None:
+                            cache.miss()
+                        item = found(w, root)
+                        e = item.entry
+                        if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
+                            kept[e.path] = e
+                        if e.type == FILE:
+                            result["files"] += 1
+                            result["bytes"] += e.size
                             # Small files travel in batches: one task per file would cost more in thread
                             # hand-offs than reading the file does.
-                            batch.append(found)
+                            batch.append(item)
                             batch_bytes += e.size
                             if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                                 pending.append((batch, pool.submit(read_batch, batch)))
                                 batch, batch_bytes = [], 0
                                 while len(pending) > WINDOW:
                                     take_head()
-                    if not line and (e.type != FILE or e.digest):
-                        yield emit(found)  # nothing waits before it: the common case of an unchanged tree
+                        else:
+                            item = (e.path, item.st, e.encode())
+                    if not waiting and not isinstance(item, Found):
+                        yield emit(item)  # nothing waits before it: the common case of an unchanged tree
                     else:
-                        line.append(found)
-                        if len(line) > MAX_WAITING and batch:  # the head may be in a batch not yet full
+                        waiting.append(item)
+                        if len(waiting) > MAX_WAITING and batch:  # the head may be in a batch not yet full
                             pending.append((batch, pool.submit(read_batch, batch)))
                             batch, batch_bytes = [], 0
-                        while pending and (pending[0][1].done() or len(line) > MAX_WAITING):
+                        while pending and (pending[0][1].done() or len(waiting) > MAX_WAITING):
                             take_head()
-                        while line and (line[0].entry.type != FILE or line[0].entry.digest):
-                            yield emit(line.popleft())
+                        while waiting and _ready(waiting[0]):
+                            yield emit(waiting.popleft())
                     if progress and entries % 256 == 0:
                         progress(entries, result["bytes"])
                 if batch:
@@ -260,8 +299,8 @@ def commit(
                     batch, batch_bytes = [], 0
                 while pending:
                     take_head()
-                while line:
-                    yield emit(line.popleft())
+                while waiting:
+                    yield emit(waiting.popleft())
             if kernel is None and not no_kernel and profile.require_kernel and bootfiles.find(kept)[0] is None:
                 # Before anything is stored: the open pack is discarded, a small manifest never written.
                 raise NotFound(
@@ -280,9 +319,8 @@ def commit(
             if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
                 # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
                 # upper bound), plus what was in flight.
-                rest = sum(f.entry.size for f in entries_iter if f.entry.type == FILE
-                           and not objects.has(cache.lookup(f.entry.path, f.ino, f.entry.size, f.entry.mtime_ns,
-                                                            f.ctime_ns) or "0" * 64))
+                rest = sum(st.st_size for rel, _, st, first in walked if first is None and stat.S_ISREG(st.st_mode)
+                           and not _stored(objects, cache.lookup(rel, st)))
                 inflight = sum(f.entry.size for founds, _ in pending for f in founds) + batch_bytes
                 raise no_space(store.root, None, rest + inflight) from exc
             raise

@@ -12,7 +12,7 @@ from conftest import disk_state, write_profile
 from treeutil import IS_ROOT, PING_CAP, make_nasty_tree
 
 from imgstore import commit
-from imgstore.statcache import StatCache, cache_path
+from imgstore.statcache import MAGIC, StatCache, cache_path
 from imgstore.store import Store
 
 
@@ -92,7 +92,7 @@ def test_a_damaged_cache_costs_reading_not_correctness(store: Store, tmp_path: P
     assert not again.created and again.generation.gen_id == first.generation.gen_id
     assert 0 < again.read_files < 20_000  # the intact head was used, the rest read
     assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0  # rewritten whole
-    path.write_bytes(b"imgstore-statcache 4\n" + os.urandom(5000))
+    path.write_bytes(MAGIC + os.urandom(5000))
     assert commit.commit(store, tree, "t", "four", no_kernel=True).read_files == 20_000
 
 
@@ -107,10 +107,10 @@ def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: P
     _settle()
     monkeypatch.setattr(commit, "MAX_WAITING", 8)
     walked = [0]
-    real_scan = commit.scan
+    real_walk = commit.walk
 
-    def counting_scan(*args, **kwargs):  # type: ignore[no-untyped-def]
-        it, report = real_scan(*args, **kwargs)
+    def counting_walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        it, report = real_walk(*args, **kwargs)
 
         def counted():  # type: ignore[no-untyped-def]
             for found in it:
@@ -126,7 +126,7 @@ def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: P
         read_at.append(walked[0])
         return real_read(self, found)
 
-    monkeypatch.setattr(commit, "scan", counting_scan)
+    monkeypatch.setattr(commit, "walk", counting_walk)
     monkeypatch.setattr(commit._Reader, "__call__", spy)
     second = commit.commit(store, tree, "t", "two", no_kernel=True)
     assert second.created and second.read_files == 1 and len(read_at) == 1
