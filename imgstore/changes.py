@@ -22,7 +22,7 @@ import blake3
 
 from . import generations, manifest
 from .errors import IntegrityError, UsageError
-from .manifest import BLOCK, CHAR, FILE, Entry, line_digest, sort_key
+from .manifest import BLOCK, CHAR, FILE, Entry, sort_key
 from .scan import Found, scan
 from .statcache import StatCache, cache_path
 from .store import Store
@@ -227,8 +227,8 @@ def _compare(old_line: bytes, f: Found, cache: StatCache, rep: ChangeReport,
     n = f.entry
     digest = None
     if n.type == FILE:
-        text = cache.lookup(n.path, f.st)
-        digest = None if text is None else line_digest(text)
+        row = cache.lookup(n.path, f.st)
+        digest = row[3].hex() if row is not None and row[3] else None
         if digest is not None:
             n.digest = digest
     new_line = n.encode()[:-1]

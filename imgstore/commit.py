@@ -26,10 +26,10 @@ from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
-from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line, line_digest
+from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
 from .scan import Found, Walked, found, walk
-from .statcache import StatCache, cache_path
+from .statcache import Row, StatCache, cache_path
 from .store import Store
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ RETRIES = 3
 BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
 WINDOW = 8  # batches in flight between the walk and the writer
+OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
 
 
 @dataclass
@@ -135,18 +136,11 @@ def _read_all(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-Ready = tuple[bytes, os.stat_result, bytes]  # an entry's path, lstat and manifest line
+Ready = tuple[bytes, os.stat_result, bytes, bytes]  # an entry's path, lstat, manifest line and raw digest
 
 
 def _ready(item: Ready | Found) -> bool:
     return not isinstance(item, Found) or bool(item.entry.digest)
-
-
-def _stored(objects: ObjectStore, text: bytes | None) -> bool:
-    """Whether `text`, a cached line, names a file's content and the store has it (gc may have removed it; a
-    hardlink's line names none, and a file's line was a hardlink's if the first path of its group is gone)."""
-    digest = None if text is None else line_digest(text)
-    return digest is not None and objects.has(digest)
 
 
 _LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
@@ -222,17 +216,21 @@ def commit(
                         result["new_objects"] += 1
                         result["new_bytes"] += added
 
-        def cached(w: Walked, text: bytes) -> bool:
-            """Whether `text`, the cached line of a walked entry, can be used: the hardlink group it names is the
-            walk's, and the content it names was not removed by gc."""
+        def cached(w: Walked, row: Row) -> bool:
+            """Whether the cached row of a walked entry can be used. Its lstat fields match, so it is of the same
+            kind; but a file's content may have been removed by gc since, and which path of a hardlinked inode
+            comes first is the walk's to say (an exclude may have hidden the first)."""
             rel, _abspath, st, first = w
-            if first is None and stat.S_ISREG(st.st_mode):
-                if not _stored(objects, text):
+            digest = row[3]
+            if digest:  # a file's line
+                if first is not None or not objects.has_raw(digest):
                     return False
                 result["files"] += 1
                 result["bytes"] += st.st_size
+            elif first is None and stat.S_ISREG(st.st_mode):
+                return False  # a hardlink's line, whose first path is now excluded
             if first is not None or stat.S_ISLNK(st.st_mode) or rel.startswith(b"boot/") or rel in _LOOKED_AT:
-                e = decode_line(text[:-1])
+                e = decode_line(row[2][:-1])
                 if first is not None and (e.type != HARDLINK or e.target != first):
                     return False
                 kept[rel] = e
@@ -247,21 +245,22 @@ def commit(
 
             def emit(item: Ready | Found) -> bytes:
                 if isinstance(item, Found):
-                    item = (item.entry.path, item.st, item.entry.encode())
-                rel, st, text = item
-                cache.record(rel, st, text)
-                return text
+                    e = item.entry
+                    item = (e.path, item.st, e.encode(), bytes.fromhex(e.digest))
+                cache.record(*item)
+                return item[2]
 
-            yield manifest.HEADER
+            out = bytearray(manifest.HEADER)  # lines go out in chunks: a yield per line costs more
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
                 for w in walked:
                     entries += 1
-                    text = cache.lookup(w[0], w[2])
+                    rel, _abspath, st, _first = w
+                    row = cache.lookup(rel, st)
                     item: Ready | Found
-                    if text is not None and cached(w, text):
-                        item = (w[0], w[2], text)
+                    if row is not None and cached(w, row):
+                        item = (rel, st, row[2], row[3])
                     else:
-                        if text is not None:
+                        if row is not None:
                             cache.miss()
                         item = found(w, root)
                         e = item.entry
@@ -280,9 +279,10 @@ def commit(
                                 while len(pending) > WINDOW:
                                     take_head()
                         else:
-                            item = (e.path, item.st, e.encode())
+                            item = (e.path, item.st, e.encode(), b"")
                     if not waiting and not isinstance(item, Found):
-                        yield emit(item)  # nothing waits before it: the common case of an unchanged tree
+                        cache.record(*item)  # nothing waits before it: the common case of an unchanged tree
+                        out += item[2]
                     else:
                         waiting.append(item)
                         if len(waiting) > MAX_WAITING and batch:  # the head may be in a batch not yet full
@@ -291,7 +291,10 @@ def commit(
                         while pending and (pending[0][1].done() or len(waiting) > MAX_WAITING):
                             take_head()
                         while waiting and _ready(waiting[0]):
-                            yield emit(waiting.popleft())
+                            out += emit(waiting.popleft())
+                    if len(out) >= OUT_CHUNK:
+                        yield bytes(out)
+                        out.clear()
                     if progress and entries % 256 == 0:
                         progress(entries, result["bytes"])
                 if batch:
@@ -300,7 +303,8 @@ def commit(
                 while pending:
                     take_head()
                 while waiting:
-                    yield emit(waiting.popleft())
+                    out += emit(waiting.popleft())
+                yield bytes(out)
             if kernel is None and not no_kernel and profile.require_kernel and bootfiles.find(kept)[0] is None:
                 # Before anything is stored: the open pack is discarded, a small manifest never written.
                 raise NotFound(
@@ -319,8 +323,12 @@ def commit(
             if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
                 # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
                 # upper bound), plus what was in flight.
-                rest = sum(st.st_size for rel, _, st, first in walked if first is None and stat.S_ISREG(st.st_mode)
-                           and not _stored(objects, cache.lookup(rel, st)))
+                rest = 0
+                for rel, _, st, first in walked:
+                    if first is None and stat.S_ISREG(st.st_mode):
+                        row = cache.lookup(rel, st)
+                        if row is None or not row[3] or not objects.has_raw(row[3]):
+                            rest += st.st_size
                 inflight = sum(f.entry.size for founds, _ in pending for f in founds) + batch_bytes
                 raise no_space(store.root, None, rest + inflight) from exc
             raise

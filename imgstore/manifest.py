@@ -141,12 +141,6 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
     return entries
 
 
-def line_digest(line: bytes) -> str | None:
-    """The content hash an encoded entry names, if it is a file's (not a hardlink's)."""
-    fields = line.split(b"\t", 8)
-    return fields[7][:64].decode() if fields[1] == b"f" else None
-
-
 def decode_line(line: bytes) -> Entry:
     """One entry (without its newline), unchecked: decode() checks paths and order."""
     path_s, t_s, mode_s, uid_s, gid_s, mtime_s, size_s, data, xa = line.split(b"\t")

@@ -176,8 +176,10 @@ def scan(
 
 def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:
     try:
-        with short_path(absdir, root, rel) as p, os.scandir(p) as it:
-            return sorted(e.name for e in it)
+        if len(absdir) < LONG_PATH:  # the common case, without a context manager per directory
+            return sorted(os.listdir(absdir))
+        with short_path(absdir, root, rel) as p:
+            return sorted(os.listdir(p))
     except FileNotFoundError:
         return []  # removed while we walk
     except OSError as exc:
@@ -190,43 +192,43 @@ _KINDS = frozenset((stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat
 def _walk(
     root: bytes, root_st: os.stat_result, exclude_rx: re.Pattern[bytes] | None, report: ScanReport,
 ) -> Iterator[Walked]:
-    # An explicit stack, not recursion: paths may be 4,000 bytes deep.
+    # An explicit stack, not recursion: paths may be 4,000 bytes deep. A directory's walk stops at each
+    # subdirectory and goes on after it, from the iterator over its names left on the stack.
     dev = root_st.st_dev
     links: dict[int, bytes] = {}
     yield b".", root, root_st, None
-    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = [(root, b"", iter(_list(root)))]
+    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = [(root + b"/", b"", iter(_list(root)))]
     while stack:
-        absdir, reldir, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        rel = reldir + name
-        abspath = absdir + b"/" + name
-        if exclude_rx is not None and exclude_rx.fullmatch(b"/" + rel):
-            report.excluded += 1
-            continue
-        try:
-            if len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
-                st = os.lstat(abspath)
-            else:
-                with short_path(abspath, root, rel) as p:
-                    st = os.lstat(p)
-        except FileNotFoundError:
-            continue  # removed while we walk: it is simply not in this generation
-        if st.st_dev != dev:
-            report.skipped_mounts.append("/" + os.fsdecode(rel))
-            continue
-        kind = stat.S_IFMT(st.st_mode)
-        first = None
-        if kind == stat.S_IFREG:
-            if st.st_nlink > 1:
-                first = links.get(st.st_ino)
-                if first is None:
-                    links[st.st_ino] = rel
-        elif kind not in _KINDS:
-            report.skipped_sockets.append("/" + os.fsdecode(rel))  # a socket (or something stranger)
-            continue
-        yield rel, abspath, st, first
-        if kind == stat.S_IFDIR:
-            stack.append((abspath, rel + b"/", iter(_list(abspath, root, rel))))
+        absdir, reldir, names = stack.pop()
+        for name in names:
+            rel = reldir + name
+            abspath = absdir + name
+            if exclude_rx is not None and exclude_rx.fullmatch(b"/" + rel):
+                report.excluded += 1
+                continue
+            try:
+                if len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
+                    st = os.lstat(abspath)
+                else:
+                    with short_path(abspath, root, rel) as p:
+                        st = os.lstat(p)
+            except FileNotFoundError:
+                continue  # removed while we walk: it is simply not in this generation
+            if st.st_dev != dev:
+                report.skipped_mounts.append("/" + os.fsdecode(rel))
+                continue
+            kind = stat.S_IFMT(st.st_mode)
+            first = None
+            if kind == stat.S_IFREG:
+                if st.st_nlink > 1:
+                    first = links.get(st.st_ino)
+                    if first is None:
+                        links[st.st_ino] = rel
+            elif kind not in _KINDS:
+                report.skipped_sockets.append("/" + os.fsdecode(rel))  # a socket (or something stranger)
+                continue
+            yield rel, abspath, st, first
+            if kind == stat.S_IFDIR:
+                stack.append((absdir, reldir, names))
+                stack.append((abspath + b"/", rel + b"/", iter(_list(abspath, root, rel))))
+                break

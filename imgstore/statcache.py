@@ -34,12 +34,12 @@ MAGIC = b"imgstore-statcache 5\n"  # then blocks: a header, then one record per 
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
 KEY = struct.Struct("<QqqqIQII?")  # ino, size, mtime_ns, ctime_ns, mode, nlink, uid, gid, sparse
-_LENS = struct.Struct("<II")  # a record: path length, line length, then the path, the key and the line
+_LENS = struct.Struct("<IIB")  # a record: path, line and digest lengths, then the path, key, digest and line
 _LEN = struct.Struct("<I")
 _START = struct.Struct("<q")
 _BUFFER = 1 << 20
 
-Row = tuple[bytes, bytes, bytes]  # path, key, manifest line
+Row = tuple[bytes, bytes, bytes, bytes]  # path, key, manifest line, raw digest of a file's content (else b"")
 
 
 def key(st: os.stat_result) -> bytes:
@@ -95,14 +95,26 @@ class StatCache:
         if self._first_miss is None:
             self._first_miss = self._lookups
 
-    def lookup(self, rel: bytes, st: os.stat_result) -> bytes | None:
-        """The line recorded for this entry, if it still describes it; None is a miss."""
-        row = self._find(rel)
+    def lookup(self, rel: bytes, st: os.stat_result) -> Row | None:
+        """The row recorded for this entry, if its line still describes it; None is a miss."""
+        row = self._cur
+        if row is not None and row[0] == rel:  # the common case, without a call to _find or _advance
+            try:
+                self._cur = next(self._old, None)
+            except (OSError, ValueError, struct.error, ZstdError):
+                self._cur = None
+                self._gone()
+            self._cur_key = None
+        else:
+            row = self._find(rel)
         self._lookups += 1
-        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != key(st):
+        size = st.st_size
+        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != KEY.pack(
+                st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                st.st_blocks * 512 < size):  # key(st), without a call
             self.miss()
             return None
-        return row[2]
+        return row
 
     def miss(self) -> None:
         """The line the last lookup returned cannot be used after all."""
@@ -130,8 +142,8 @@ class StatCache:
         """Record the next cache, for a scan that started at `scan_started_ns`."""
         self._started = scan_started_ns
 
-    def record(self, rel: bytes, st: os.stat_result, line: bytes) -> None:
-        """`line` describes the entry as `st` found it."""
+    def record(self, rel: bytes, st: os.stat_result, line: bytes, digest: bytes) -> None:
+        """`line` describes the entry as `st` found it; `digest` is its content's, raw, if a file's."""
         first_miss = self._first_miss
         if first_miss is None or self.records < first_miss:
             self.records += 1  # a copy of the old row its lookup found
@@ -140,16 +152,17 @@ class StatCache:
             try:
                 if self._zstd is None:
                     self._start()  # copies the `records` old rows before this one
-                self._add(rel, key(st), line)
+                self._add(rel, key(st), line, digest)
             except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
                 self._give_up(exc)
         self.records += 1
 
-    def _add(self, rel: bytes, k: bytes, line: bytes) -> None:
+    def _add(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
         buf = self._buf
-        buf += _LENS.pack(len(rel), len(line))
+        buf += _LENS.pack(len(rel), len(line), len(digest))
         buf += rel
         buf += k
+        buf += digest
         buf += line
         if len(buf) >= _BUFFER:
             self._flush()
@@ -181,10 +194,10 @@ class StatCache:
             if reader is None:
                 raise OSError("the stat cache changed during the commit")
             copied = 0
-            for rel, k, line in reader.rows():
+            for rel, k, line, digest in reader.rows():
                 if copied == self.records:
                     break
-                self._add(rel, k, line)
+                self._add(rel, k, line, digest)
                 copied += 1
             if copied != self.records:
                 raise OSError("the stat cache changed during the commit")
@@ -315,14 +328,15 @@ class _Reader:
                 b, pos = self.block, self.pos
                 end = len(b)
                 while pos < end:
-                    plen, llen = _LENS.unpack_from(b, pos)
+                    plen, llen, dlen = _LENS.unpack_from(b, pos)
                     p = pos + _LENS.size
                     k = p + plen
-                    line = k + KEY.size
+                    d = k + KEY.size
+                    line = d + dlen
                     pos = line + llen
                     if pos > end:
                         raise ValueError("a stat cache record past its block")
-                    yield b[p:k], b[k:line], b[line:pos]
+                    yield b[p:k], b[k:d], b[line:pos], b[d:line]
                 if not self.next_block():
                     return
 
