@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -143,6 +143,28 @@ def _ready(item: Ready | Found) -> bool:
     return not isinstance(item, Found) or bool(item.entry.digest)
 
 
+class _Kept(Mapping[bytes, Entry]):
+    """Entries by path; an entry given as its manifest line (from the stat cache) is decoded when looked at."""
+
+    def __init__(self) -> None:
+        self._d: dict[bytes, Entry | bytes] = {}
+
+    def __setitem__(self, path: bytes, entry: Entry | bytes) -> None:
+        self._d[path] = entry
+
+    def __getitem__(self, path: bytes) -> Entry:
+        e = self._d[path]
+        if isinstance(e, bytes):
+            e = self._d[path] = decode_line(e[:-1])
+        return e
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 _LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
                         b"var/lib/dpkg/status"))  # besides symlinks, hardlinks and boot/: see bootfiles, metadata
 MAX_WAITING = 4096  # entries held behind a file still being read before the walk waits for it
@@ -195,7 +217,7 @@ def commit(
         batch: list[Found] = []
         batch_bytes = 0
         entries = 0
-        kept: dict[bytes, Entry] = {}  # what bootfiles and metadata look at; nothing else is kept
+        kept = _Kept()  # what bootfiles and metadata look at; nothing else is kept
 
         def read_batch(founds: list[Found]) -> list[tuple[str, bytes | None, int, int]]:
             return [reader(f) for f in founds]
@@ -229,11 +251,13 @@ def commit(
                 result["bytes"] += st.st_size
             elif first is None and stat.S_ISREG(st.st_mode):
                 return False  # a hardlink's line, whose first path is now excluded
-            if first is not None or stat.S_ISLNK(st.st_mode) or rel.startswith(b"boot/") or rel in _LOOKED_AT:
+            if first is not None:
                 e = decode_line(row[2][:-1])
-                if first is not None and (e.type != HARDLINK or e.target != first):
+                if e.type != HARDLINK or e.target != first:
                     return False
                 kept[rel] = e
+            elif stat.S_ISLNK(st.st_mode) or rel.startswith(b"boot/") or rel in _LOOKED_AT:
+                kept[rel] = row[2]
             return True
 
         def complete() -> Iterator[bytes]:
@@ -359,7 +383,7 @@ def commit(
 
 
 def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, initrd: Path | None,
-            no_kernel: bool, kept: dict[bytes, Entry], manifest_digest: str, message: str, source: str | None,
+            no_kernel: bool, kept: Mapping[bytes, Entry], manifest_digest: str, message: str, source: str | None,
             result: dict[str, int], manifest_new: int) -> tuple[Generation, bool]:
     """Boot files, the generation object and the database row. Returns (generation, created)."""
     objects = store.objects
