@@ -28,7 +28,7 @@ from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
-from .scan import Found, Walked, found, walk
+from .scan import Found, found, walk
 from .statcache import Row, StatCache, cache_path
 from .store import Store
 
@@ -238,25 +238,27 @@ def commit(
                         result["new_objects"] += 1
                         result["new_bytes"] += added
 
-        def cached(w: Walked, row: Row) -> bool:
+        def cached(rel: bytes, st: os.stat_result, first: bytes | None, row: Row) -> bool:
             """Whether the cached row of a walked entry can be used. Its lstat fields match, so it is of the same
             kind; but a file's content may have been removed by gc since, and which path of a hardlinked inode
             comes first is the walk's to say (an exclude may have hidden the first)."""
-            rel, _abspath, st, first = w
-            digest = row[3]
-            if digest:  # a file's line
-                if first is not None or not objects.has_raw(digest):
-                    return False
-                result["files"] += 1
-                result["bytes"] += st.st_size
-            elif first is None and stat.S_ISREG(st.st_mode):
-                return False  # a hardlink's line, whose first path is now excluded
-            if first is not None:
+            if first is not None:  # a later path of a hardlinked file
                 e = decode_line(row[2][:-1])
                 if e.type != HARDLINK or e.target != first:
                     return False
                 kept[rel] = e
-            elif stat.S_ISLNK(st.st_mode) or rel.startswith(b"boot/") or rel in _LOOKED_AT:
+                return True
+            if row[3]:  # a file's line
+                if not objects.has_raw(row[3]):
+                    return False
+                result["files"] += 1
+                result["bytes"] += st.st_size
+            elif stat.S_ISREG(st.st_mode):
+                return False  # a hardlink's line, whose first path is now excluded
+            elif stat.S_ISLNK(st.st_mode):
+                kept[rel] = row[2]
+                return True
+            if rel.startswith(b"boot/") or rel in _LOOKED_AT:
                 kept[rel] = row[2]
             return True
 
@@ -275,13 +277,14 @@ def commit(
                 return item[2]
 
             out = bytearray(manifest.HEADER)  # lines go out in chunks: a yield per line costs more
+            lookup, record = cache.lookup, cache.record
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
                 for w in walked:
                     entries += 1
-                    rel, _abspath, st, _first = w
-                    row = cache.lookup(rel, st)
+                    rel, _abspath, st, first = w
+                    row = lookup(rel, st)
                     item: Ready | Found
-                    if row is not None and cached(w, row):
+                    if row is not None and cached(rel, st, first, row):
                         item = (rel, st, row[2], row[3])
                     else:
                         if row is not None:
@@ -305,7 +308,7 @@ def commit(
                         else:
                             item = (e.path, item.st, e.encode(), b"")
                     if not waiting and not isinstance(item, Found):
-                        cache.record(*item)  # nothing waits before it: the common case of an unchanged tree
+                        record(*item)  # nothing waits before it: the common case of an unchanged tree
                         out += item[2]
                     else:
                         waiting.append(item)
