@@ -29,7 +29,7 @@ from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
 from .scan import Found, found, walk
-from .statcache import Row, StatCache, cache_path
+from .statcache import Row, StatCache, cache_path, key
 from .store import Store
 
 if TYPE_CHECKING:
@@ -136,10 +136,9 @@ def _read_all(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-Ready = tuple[bytes, os.stat_result, bytes, bytes]  # an entry's path, lstat, manifest line and raw digest
 
 
-def _ready(item: Ready | Found) -> bool:
+def _ready(item: Row | Found) -> bool:
     return not isinstance(item, Found) or bool(item.entry.digest)
 
 
@@ -267,12 +266,12 @@ def commit(
             it are known. An entry as the stat cache found it is its cached line; files are read in batches by
             worker threads, and a line waits for its head's batch."""
             nonlocal batch, batch_bytes, entries
-            waiting: deque[Ready | Found] = deque()
+            waiting: deque[Row | Found] = deque()
 
-            def emit(item: Ready | Found) -> bytes:
+            def emit(item: Row | Found) -> bytes:
                 if isinstance(item, Found):
                     e = item.entry
-                    item = (e.path, item.st, e.encode(), bytes.fromhex(e.digest))
+                    item = (e.path, key(item.st), e.encode(), bytes.fromhex(e.digest))
                 cache.record(*item)
                 return item[2]
 
@@ -283,9 +282,9 @@ def commit(
                     entries += 1
                     rel, _abspath, st, first = w
                     row = lookup(rel, st)
-                    item: Ready | Found
+                    item: Row | Found
                     if row is not None and cached(rel, st, first, row):
-                        item = (rel, st, row[2], row[3])
+                        item = row
                     else:
                         if row is not None:
                             cache.miss()
@@ -306,13 +305,15 @@ def commit(
                                 while len(pending) > WINDOW:
                                     take_head()
                         else:
-                            item = (e.path, item.st, e.encode(), b"")
+                            item = (e.path, key(st), e.encode(), b"")
                     if not waiting and not isinstance(item, Found):
                         record(*item)  # nothing waits before it: the common case of an unchanged tree
                         out += item[2]
                     else:
                         waiting.append(item)
-                        if len(waiting) > MAX_WAITING and batch:  # the head may be in a batch not yet full
+                        if batch and waiting[0] is batch[0] and len(waiting) > BATCH_FILES:
+                            # The head waits in a batch that may never fill (one changed file among cached ones):
+                            # a task for it costs less than holding every entry after it in line.
                             pending.append((batch, pool.submit(read_batch, batch)))
                             batch, batch_bytes = [], 0
                         while pending and (pending[0][1].done() or len(waiting) > MAX_WAITING):

@@ -142,8 +142,9 @@ class StatCache:
         """Record the next cache, for a scan that started at `scan_started_ns`."""
         self._started = scan_started_ns
 
-    def record(self, rel: bytes, st: os.stat_result, line: bytes, digest: bytes) -> None:
-        """`line` describes the entry as `st` found it; `digest` is its content's, raw, if a file's."""
+    def record(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
+        """A row: `line` describes the entry as its lstat fields `k` (key()) were; `digest` is its content's,
+        raw, if a file's."""
         first_miss = self._first_miss
         if first_miss is None or self.records < first_miss:
             self.records += 1  # a copy of the old row its lookup found
@@ -152,7 +153,7 @@ class StatCache:
             try:
                 if self._zstd is None:
                     self._start()  # copies the `records` old rows before this one
-                self._add(rel, key(st), line, digest)
+                self._add(rel, k, line, digest)
             except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
                 self._give_up(exc)
         self.records += 1
@@ -180,13 +181,11 @@ class StatCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         import zstandard
 
-        from .objects import LEVEL
-
         self._tmp = tmp_name(self.path)
         self._out = open(self._tmp, "xb")
         self._write(MAGIC)
         # Each block its own frame with a checksum, checked before any of its lines is used again.
-        self._zstd = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
+        self._zstd = zstandard.ZstdCompressor(level=1, write_checksum=True)  # as small as level 3, and faster
         root = os.fsencode(self.root)
         self._buf += _LEN.pack(len(root)) + root + _START.pack(self._started)
         if self.records:

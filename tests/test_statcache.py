@@ -98,14 +98,14 @@ def test_a_damaged_cache_costs_reading_not_correctness(store: Store, tmp_path: P
 
 def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # One changed file at the start of a tree of cached ones: its batch never fills, so it is sent off
-    # once MAX_WAITING entries wait behind it (else the whole tree would wait in memory).
+    # once BATCH_FILES entries wait behind it (else the whole tree would wait in memory).
     write_profile(store.root, "t")
     tree = _tree(tmp_path / "chroot", 3, 100)
     _settle()
     commit.commit(store, tree, "t", "one", no_kernel=True)
     (tree / "d000/f0000").write_bytes(b"changed")
     _settle()
-    monkeypatch.setattr(commit, "MAX_WAITING", 8)
+    monkeypatch.setattr(commit, "BATCH_FILES", 8)
     walked = [0]
     real_walk = commit.walk
 
