@@ -28,7 +28,7 @@ from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
-from .scan import Found, found, walk
+from .scan import Found, describe, walk
 from .statcache import Row, StatCache, cache_path, key
 from .store import Store
 
@@ -134,8 +134,6 @@ def _read_all(fd: int, size: int) -> bytes:
         chunks.append(b)
         want -= len(b)
     return b"".join(chunks)
-
-
 
 
 def _ready(item: Row | Found) -> bool:
@@ -288,7 +286,7 @@ def commit(
                     else:
                         if row is not None:
                             cache.miss()
-                        item = found(w, root)
+                        item = describe(w, root)
                         e = item.entry
                         if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
                             kept[e.path] = e

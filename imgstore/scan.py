@@ -133,7 +133,7 @@ def entry_from_stat(rel: bytes, abspath: bytes, st: os.stat_result) -> Entry | N
     return e
 
 
-def found(walked: Walked, root: bytes) -> Found:
+def describe(walked: Walked, root: bytes) -> Found:
     """A walked path as a whole entry: its xattrs and symlink target read."""
     rel, abspath, st, first = walked
     if first is not None:
@@ -171,7 +171,7 @@ def scan(
     """Return an iterator over the tree's entries in manifest order, and the report it fills."""
     walked, report = walk(root, excludes)
     root_b = os.fsencode(root)
-    return (found(w, root_b) for w in walked), report
+    return (describe(w, root_b) for w in walked), report
 
 
 def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:

@@ -176,14 +176,10 @@ class StatCache:
         self._zstd = None
 
     def _start(self) -> None:
-        """Open the temp file and copy the old rows the records so far repeat."""
+        """Begin the next cache with the old rows the records so far repeat."""
         assert self._started is not None, "begin() first"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         import zstandard
 
-        self._tmp = tmp_name(self.path)
-        self._out = open(self._tmp, "xb")
-        self._write(MAGIC)
         # Each block its own frame with a checksum, checked before any of its lines is used again.
         self._zstd = zstandard.ZstdCompressor(level=1, write_checksum=True)  # as small as level 3, and faster
         root = os.fsencode(self.root)
@@ -203,6 +199,11 @@ class StatCache:
 
     def _flush(self) -> None:
         assert self._zstd is not None
+        if self._out is None:  # only now: a commit of a small tree that fails leaves no temp file behind
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = tmp_name(self.path)
+            self._out = open(self._tmp, "xb")
+            self._write(MAGIC)
         frame = self._zstd.compress(bytes(self._buf))
         self._write(_LEN.pack(len(frame)) + frame)
         self._buf.clear()
@@ -231,10 +232,10 @@ class StatCache:
             if self._zstd is None:
                 self._first_miss = self.records
                 self._start()
-            assert self._out is not None and self._tmp is not None
-            if self._buf:
+            if self._buf or self._out is None:
                 self._flush()
             out, self._out = self._out, None
+            assert out is not None and self._tmp is not None
             with out:
                 out.flush()
                 os.fchmod(out.fileno(), 0o600)
