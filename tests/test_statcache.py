@@ -229,3 +229,24 @@ def test_a_hardlink_group_whose_first_path_is_excluded_is_described_anew(
     changed = commit.commit(store, tree, "t", "excluded", no_kernel=True)
     assert changed.created
     _same_as_a_full_read(store, tree, "t", changed)
+
+
+def test_a_cached_file_whose_object_is_gone_is_read_again(store: Store, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import blake3
+
+    from imgstore.objects import LOOSE_MIN
+
+    write_profile(store.root, "t")
+    tree = tmp_path / "chroot"
+    tree.mkdir()
+    big = os.urandom(LOOSE_MIN + 1)  # a loose object: one file to delete
+    (tree / "big").write_bytes(big)
+    (tree / "small").write_bytes(b"small")
+    _trust_every_change(monkeypatch)
+    first = commit.commit(store, tree, "t", "one", no_kernel=True)
+    digest = blake3.blake3(big).hexdigest()
+    store.objects.loose_path(digest).unlink()  # as gc or verify --repair may have since
+    again = commit.commit(store, tree, "t", "again", no_kernel=True)
+    assert (again.read_files, again.created, again.generation.gen_id) == (1, False, first.generation.gen_id)
+    assert store.objects.has(digest)  # stored again
+    assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0
