@@ -5,7 +5,8 @@ In the spirit of git's index. A line is used again only if the entry's lstat fie
 ctime, mode, link count, owner, sparseness) all match its row and its ctime is older than the start of the
 scan that recorded it: an entry changed during or right after that scan (timestamps are coarser than writes)
 is examined again. Whatever else a line says moves ctime when it changes (content, xattrs; a symlink or a
-device cannot change in place), except which path of a hardlinked inode comes first: commit checks that.
+device cannot change in place), except which path of a hardlinked inode comes first; that, and that the
+content a file's line names is still stored (gc), commit checks.
 
 Rows are kept in manifest order, so the cache is read alongside the walk (a merge, like git's index) and the
 next one is written as the commit goes: neither is ever held whole in memory, which matters at a million
