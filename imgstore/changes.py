@@ -227,7 +227,8 @@ def _compare(old_line: bytes, f: Found, cache: StatCache, rep: ChangeReport,
     n = f.entry
     digest = None
     if n.type == FILE:
-        digest = cache.lookup(n.path, f.ino, n.size, n.mtime_ns, f.ctime_ns)
+        row = cache.lookup(n.path, f.st)
+        digest = row[3].hex() if row is not None and row[3] else None
         if digest is not None:
             n.digest = digest
     new_line = n.encode()[:-1]

@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,10 +26,10 @@ from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
-from .manifest import FILE, HARDLINK, SYMLINK, Entry
+from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
-from .scan import Found, scan
-from .statcache import StatCache, cache_path
+from .scan import Found, describe, walk
+from .statcache import Row, StatCache, cache_path, key
 from .store import Store
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ RETRIES = 3
 BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
 WINDOW = 8  # batches in flight between the walk and the writer
+OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
 
 
 @dataclass
@@ -89,7 +90,7 @@ class _Reader:
                 ) from None
             try:
                 before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode) or before.st_ino != found.ino:
+                if not stat.S_ISREG(before.st_mode) or before.st_ino != found.st.st_ino:
                     raise ChangedWhileReading(
                         f"{os.fsdecode(found.abspath)} was replaced while commit read it",
                         "let the chroot settle and run commit again",
@@ -115,7 +116,7 @@ class _Reader:
             e.size, e.mtime_ns = before.st_size, before.st_mtime_ns
             e.mode, e.uid, e.gid = stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid
             e.sparse = before.st_size > 0 and before.st_blocks * 512 < before.st_size
-            found.ctime_ns = before.st_ctime_ns
+            found.st = before
             return result
         raise ChangedWhileReading(
             f"{os.fsdecode(found.abspath)} kept changing while commit read it ({RETRIES} tries)",
@@ -133,6 +134,32 @@ def _read_all(fd: int, size: int) -> bytes:
         chunks.append(b)
         want -= len(b)
     return b"".join(chunks)
+
+
+def _ready(item: Row | Found) -> bool:
+    return not isinstance(item, Found) or bool(item.entry.digest)
+
+
+class _Kept(Mapping[bytes, Entry]):
+    """Entries by path; an entry given as its manifest line (from the stat cache) is decoded when looked at."""
+
+    def __init__(self) -> None:
+        self._d: dict[bytes, Entry | bytes] = {}
+
+    def __setitem__(self, path: bytes, entry: Entry | bytes) -> None:
+        self._d[path] = entry
+
+    def __getitem__(self, path: bytes) -> Entry:
+        e = self._d[path]
+        if isinstance(e, bytes):
+            e = self._d[path] = decode_line(e[:-1])
+        return e
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 _LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
@@ -166,7 +193,8 @@ def commit(
             raise NotFound(f"{what} {p} is not a file", f"give the path of the {what[2:]} image")
     if no_kernel and (kernel or initrd):
         raise UsageError("--no-kernel contradicts --kernel/--initrd", "give one or the other")
-    entries_iter, report = scan(chroot, profile.excludes)
+    walked, report = walk(chroot, profile.excludes)
+    root = os.fsencode(chroot)
     _ = store.engine  # open and check the database before doing any work
 
     with nullcontext() if locked else store_lock(store.root, "commit", wait):
@@ -186,7 +214,7 @@ def commit(
         batch: list[Found] = []
         batch_bytes = 0
         entries = 0
-        kept: dict[bytes, Entry] = {}  # what bootfiles and metadata look at; nothing else is kept
+        kept = _Kept()  # what bootfiles and metadata look at; nothing else is kept
 
         def read_batch(founds: list[Found]) -> list[tuple[str, bytes | None, int, int]]:
             return [reader(f) for f in founds]
@@ -207,52 +235,92 @@ def commit(
                         result["new_objects"] += 1
                         result["new_bytes"] += added
 
+        def cached(rel: bytes, st: os.stat_result, first: bytes | None, row: Row) -> bool:
+            """Whether the cached row of a walked entry can be used. Its lstat fields match, so it is of the same
+            kind; but a file's content may have been removed by gc since, and which path of a hardlinked inode
+            comes first is the walk's to say (an exclude may have hidden the first)."""
+            if first is not None:  # a later path of a hardlinked file
+                e = decode_line(row[2][:-1])
+                if e.type != HARDLINK or e.target != first:
+                    return False
+                kept[rel] = e
+                return True
+            if row[3]:  # a file's line
+                if not objects.has_raw(row[3]):
+                    return False
+                result["files"] += 1
+                result["bytes"] += st.st_size
+            elif stat.S_ISREG(st.st_mode):
+                return False  # a hardlink's line, whose first path is now excluded
+            elif stat.S_ISLNK(st.st_mode):
+                kept[rel] = row[2]
+                return True
+            if rel.startswith(b"boot/") or rel in _LOOKED_AT:
+                kept[rel] = row[2]
+            return True
+
         def complete() -> Iterator[bytes]:
             """The manifest: the tree's entries in walk (= manifest) order, each as soon as it and all before
-            it are known. Files are read in batches by worker threads; the line waits for its head's batch."""
+            it are known. An entry as the stat cache found it is its cached line; files are read in batches by
+            worker threads, and a line waits for its head's batch."""
             nonlocal batch, batch_bytes, entries
-            line: deque[Found] = deque()
+            waiting: deque[Row | Found] = deque()
 
-            def emit(found: Found) -> bytes:
-                e = found.entry
-                if e.type == FILE:
-                    cache.record(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns, e.digest)
-                return e.encode()
+            def emit(item: Row | Found) -> bytes:
+                if isinstance(item, Found):
+                    e = item.entry
+                    item = (e.path, key(item.st), e.encode(), bytes.fromhex(e.digest))
+                cache.record(*item)
+                return item[2]
 
-            yield manifest.HEADER
+            out = bytearray(manifest.HEADER)  # lines go out in chunks: a yield per line costs more
+            lookup, record = cache.lookup, cache.record
             with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-                for found in entries_iter:
-                    e = found.entry
+                for w in walked:
                     entries += 1
-                    if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
-                        kept[e.path] = e
-                    if e.type == FILE:
-                        result["files"] += 1
-                        result["bytes"] += e.size
-                        digest = cache.lookup(e.path, found.ino, e.size, e.mtime_ns, found.ctime_ns)
-                        if digest is not None and objects.has(digest):
-                            e.digest = digest
-                        else:
+                    rel, _abspath, st, first = w
+                    row = lookup(rel, st)
+                    item: Row | Found
+                    if row is not None and cached(rel, st, first, row):
+                        item = row
+                    else:
+                        if row is not None:
+                            cache.miss()
+                        item = describe(w, root)
+                        e = item.entry
+                        if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
+                            kept[e.path] = e
+                        if e.type == FILE:
+                            result["files"] += 1
+                            result["bytes"] += e.size
                             # Small files travel in batches: one task per file would cost more in thread
                             # hand-offs than reading the file does.
-                            batch.append(found)
+                            batch.append(item)
                             batch_bytes += e.size
                             if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                                 pending.append((batch, pool.submit(read_batch, batch)))
                                 batch, batch_bytes = [], 0
                                 while len(pending) > WINDOW:
                                     take_head()
-                    if not line and (e.type != FILE or e.digest):
-                        yield emit(found)  # nothing waits before it: the common case of an unchanged tree
+                        else:
+                            item = (e.path, key(st), e.encode(), b"")
+                    if not waiting and not isinstance(item, Found):
+                        record(*item)  # nothing waits before it: the common case of an unchanged tree
+                        out += item[2]
                     else:
-                        line.append(found)
-                        if len(line) > MAX_WAITING and batch:  # the head may be in a batch not yet full
+                        waiting.append(item)
+                        if batch and waiting[0] is batch[0] and len(waiting) > BATCH_FILES:
+                            # The head waits in a batch that may never fill (one changed file among cached ones):
+                            # a task for it costs less than holding every entry after it in line.
                             pending.append((batch, pool.submit(read_batch, batch)))
                             batch, batch_bytes = [], 0
-                        while pending and (pending[0][1].done() or len(line) > MAX_WAITING):
+                        while pending and (pending[0][1].done() or len(waiting) > MAX_WAITING):
                             take_head()
-                        while line and (line[0].entry.type != FILE or line[0].entry.digest):
-                            yield emit(line.popleft())
+                        while waiting and _ready(waiting[0]):
+                            out += emit(waiting.popleft())
+                    if len(out) >= OUT_CHUNK:
+                        yield bytes(out)
+                        out.clear()
                     if progress and entries % 256 == 0:
                         progress(entries, result["bytes"])
                 if batch:
@@ -260,8 +328,9 @@ def commit(
                     batch, batch_bytes = [], 0
                 while pending:
                     take_head()
-                while line:
-                    yield emit(line.popleft())
+                while waiting:
+                    out += emit(waiting.popleft())
+                yield bytes(out)
             if kernel is None and not no_kernel and profile.require_kernel and bootfiles.find(kept)[0] is None:
                 # Before anything is stored: the open pack is discarded, a small manifest never written.
                 raise NotFound(
@@ -280,9 +349,12 @@ def commit(
             if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
                 # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
                 # upper bound), plus what was in flight.
-                rest = sum(f.entry.size for f in entries_iter if f.entry.type == FILE
-                           and not objects.has(cache.lookup(f.entry.path, f.ino, f.entry.size, f.entry.mtime_ns,
-                                                            f.ctime_ns) or "0" * 64))
+                rest = 0
+                for rel, _, st, first in walked:
+                    if first is None and stat.S_ISREG(st.st_mode):
+                        row = cache.lookup(rel, st)
+                        if row is None or not row[3] or not objects.has_raw(row[3]):
+                            rest += st.st_size
                 inflight = sum(f.entry.size for founds, _ in pending for f in founds) + batch_bytes
                 raise no_space(store.root, None, rest + inflight) from exc
             raise
@@ -313,7 +385,7 @@ def commit(
 
 
 def _record(store: Store, profile: Profile, chroot: Path, kernel: Path | None, initrd: Path | None,
-            no_kernel: bool, kept: dict[bytes, Entry], manifest_digest: str, message: str, source: str | None,
+            no_kernel: bool, kept: Mapping[bytes, Entry], manifest_digest: str, message: str, source: str | None,
             result: dict[str, int], manifest_new: int) -> tuple[Generation, bool]:
     """Boot files, the generation object and the database row. Returns (generation, created)."""
     objects = store.objects

@@ -104,7 +104,7 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
         if not line:
             continue
         try:
-            e = _decode_line(line)
+            e = decode_line(line)
         except (ValueError, IndexError) as exc:
             raise IntegrityError(f"{what} line {lineno} is malformed ({exc})", "run: imgstore verify") from None
         check_path(e.path)
@@ -141,7 +141,8 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
     return entries
 
 
-def _decode_line(line: bytes) -> Entry:
+def decode_line(line: bytes) -> Entry:
+    """One entry (without its newline), unchecked: decode() checks paths and order."""
     path_s, t_s, mode_s, uid_s, gid_s, mtime_s, size_s, data, xa = line.split(b"\t")
     t = t_s.decode()
     if t not in TYPES:

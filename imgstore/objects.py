@@ -208,6 +208,10 @@ class ObjectStore:
             self.loose.discard(digest)
         return False
 
+    def has_raw(self, digest: bytes) -> bool:
+        """has(), for a digest as bytes."""
+        return digest in self.index.slots or self.has(digest.hex())
+
     # -- writing ------------------------------------------------------------------------------
     def add_compressed(self, digest: str, size: int, blob: bytes, force: bool = False) -> int:
         """Queue a small object, already compressed, into the open pack. Returns bytes newly stored.

@@ -11,7 +11,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -63,14 +63,17 @@ def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
     return re.compile(("(?:" + "|".join(parts) + ")").encode("utf-8", "surrogateescape"), re.DOTALL)
 
 
+Walked = tuple[bytes, bytes, os.stat_result, bytes | None]
+"""What the walk yields: path, absolute path, lstat, and for a later path of a hardlinked file the first path."""
+
+
 @dataclass(slots=True)
 class Found:
-    """An entry plus what commit needs to read it and to trust the stat cache."""
+    """An entry plus what commit needs to read it and to record it in the stat cache."""
 
     entry: Entry
     abspath: bytes
-    ino: int = 0
-    ctime_ns: int = 0
+    st: os.stat_result
     root: bytes = b""
 
     def path(self) -> AbstractContextManager[bytes]:
@@ -130,12 +133,25 @@ def entry_from_stat(rel: bytes, abspath: bytes, st: os.stat_result) -> Entry | N
     return e
 
 
-def scan(
-    root: str | os.PathLike[str],
-    excludes: Sequence[str] = DEFAULT_EXCLUDES,
-    on_dir: Callable[[bytes], None] | None = None,
-) -> tuple[Iterator[Found], ScanReport]:
-    """Return an iterator over the tree's entries in manifest order, and the report it fills."""
+def describe(walked: Walked, root: bytes) -> Found:
+    """A walked path as a whole entry: its xattrs and symlink target read."""
+    rel, abspath, st, first = walked
+    if first is not None:
+        entry: Entry | None = Entry(path=rel, type=HARDLINK, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                                    gid=st.st_gid, mtime_ns=st.st_mtime_ns, target=first)
+    elif len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
+        entry = entry_from_stat(rel, abspath, st)
+    else:
+        with short_path(abspath, root, rel) as p:
+            entry = entry_from_stat(rel, p, st)
+    assert entry is not None, "the walk skips sockets"
+    return Found(entry, abspath, st, root)
+
+
+def walk(
+    root: str | os.PathLike[str], excludes: Sequence[str] = DEFAULT_EXCLUDES,
+) -> tuple[Iterator[Walked], ScanReport]:
+    """Return an iterator over the tree's paths in manifest order, and the report it fills."""
     root_b = os.fsencode(root)
     try:
         st = os.lstat(root_b)
@@ -145,75 +161,74 @@ def scan(
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)} is not a directory", "give the path of the chroot directory")
-    exclude_rx = compile_excludes(excludes)
     report = ScanReport([], [])
-    return _walk(root_b, st, exclude_rx, report, on_dir), report
+    return _walk(root_b, st, compile_excludes(excludes), report), report
+
+
+def scan(
+    root: str | os.PathLike[str], excludes: Sequence[str] = DEFAULT_EXCLUDES,
+) -> tuple[Iterator[Found], ScanReport]:
+    """Return an iterator over the tree's entries in manifest order, and the report it fills."""
+    walked, report = walk(root, excludes)
+    root_b = os.fsencode(root)
+    return (describe(w, root_b) for w in walked), report
 
 
 def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:
     try:
-        with short_path(absdir, root, rel) as p, os.scandir(p) as it:
-            return sorted(e.name for e in it)
+        if len(absdir) < LONG_PATH:  # the common case, without a context manager per directory
+            return sorted(os.listdir(absdir))
+        with short_path(absdir, root, rel) as p:
+            return sorted(os.listdir(p))
     except FileNotFoundError:
         return []  # removed while we walk
     except OSError as exc:
         raise UsageError(f"cannot read directory {os.fsdecode(absdir)}: {exc.strerror}", "check permissions") from None
 
 
+_KINDS = frozenset((stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO))  # besides S_IFREG
+
+
 def _walk(
-    root: bytes,
-    root_st: os.stat_result,
-    exclude_rx: re.Pattern[bytes] | None,
-    report: ScanReport,
-    on_dir: Callable[[bytes], None] | None,
-) -> Iterator[Found]:
-    # An explicit stack, not recursion: paths may be 4,000 bytes deep.
+    root: bytes, root_st: os.stat_result, exclude_rx: re.Pattern[bytes] | None, report: ScanReport,
+) -> Iterator[Walked]:
+    # An explicit stack, not recursion: paths may be 4,000 bytes deep. A directory's walk stops at each
+    # subdirectory and goes on after it, from the iterator over its names left on the stack.
     dev = root_st.st_dev
     links: dict[int, bytes] = {}
-    top = entry_from_stat(b".", root, root_st)
-    assert top is not None
-    yield Found(top, root, root_st.st_ino, root_st.st_ctime_ns)
-    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = [(root, b"", iter(_list(root)))]
+    yield b".", root, root_st, None
+    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = [(root + b"/", b"", iter(_list(root)))]
     while stack:
-        absdir, reldir, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        rel = reldir + name
-        abspath = absdir + b"/" + name
-        if exclude_rx is not None and exclude_rx.fullmatch(b"/" + rel):
-            report.excluded += 1
-            continue
-        try:
-            if len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
-                st = os.lstat(abspath)
-            else:
-                with short_path(abspath, root, rel) as p:
-                    st = os.lstat(p)
-        except FileNotFoundError:
-            continue  # removed while we walk: it is simply not in this generation
-        if st.st_dev != dev:
-            report.skipped_mounts.append("/" + os.fsdecode(rel))
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            first = links.get(st.st_ino)
-            if first is not None:
-                e = Entry(path=rel, type=HARDLINK, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
-                          gid=st.st_gid, mtime_ns=st.st_mtime_ns, target=first)
-                yield Found(e, abspath, st.st_ino, st.st_ctime_ns, root)
+        absdir, reldir, names = stack.pop()
+        for name in names:
+            rel = reldir + name
+            abspath = absdir + name
+            if exclude_rx is not None and exclude_rx.fullmatch(b"/" + rel):
+                report.excluded += 1
                 continue
-            links[st.st_ino] = rel
-        if len(abspath) < LONG_PATH:
-            entry = entry_from_stat(rel, abspath, st)
-        else:
-            with short_path(abspath, root, rel) as p:
-                entry = entry_from_stat(rel, p, st)
-        if entry is None:
-            report.skipped_sockets.append("/" + os.fsdecode(rel))
-            continue
-        yield Found(entry, abspath, st.st_ino, st.st_ctime_ns, root)
-        if entry.type == DIR:
-            if on_dir:
-                on_dir(rel)
-            stack.append((abspath, rel + b"/", iter(_list(abspath, root, rel))))
+            try:
+                if len(abspath) < LONG_PATH:  # the common case, without a context manager per entry
+                    st = os.lstat(abspath)
+                else:
+                    with short_path(abspath, root, rel) as p:
+                        st = os.lstat(p)
+            except FileNotFoundError:
+                continue  # removed while we walk: it is simply not in this generation
+            if st.st_dev != dev:
+                report.skipped_mounts.append("/" + os.fsdecode(rel))
+                continue
+            kind = stat.S_IFMT(st.st_mode)
+            first = None
+            if kind == stat.S_IFREG:
+                if st.st_nlink > 1:
+                    first = links.get(st.st_ino)
+                    if first is None:
+                        links[st.st_ino] = rel
+            elif kind not in _KINDS:
+                report.skipped_sockets.append("/" + os.fsdecode(rel))  # a socket (or something stranger)
+                continue
+            yield rel, abspath, st, first
+            if kind == stat.S_IFDIR:
+                stack.append((absdir, reldir, names))
+                stack.append((abspath + b"/", rel + b"/", iter(_list(abspath, root, rel))))
+                break

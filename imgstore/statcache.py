@@ -1,12 +1,16 @@
-"""The stat cache: what commit read last time, so an unchanged file is not read again.
+"""The stat cache: the manifest line commit wrote for each entry last time, so that an unchanged entry is
+neither read nor described again.
 
-In the spirit of git's index. An entry is trusted only if inode, size, mtime and ctime all match and the
-file's ctime is older than the start of the scan that read it: a file changed during or right after that
-scan (timestamps are coarser than writes) is read again.
+In the spirit of git's index. A line is used again only if the entry's lstat fields (inode, size, mtime,
+ctime, mode, link count, owner, sparseness) all match its row and its ctime is older than the start of the
+scan that recorded it: an entry changed during or right after that scan (timestamps are coarser than writes)
+is examined again. Whatever else a line says moves ctime when it changes (content, xattrs; a symlink or a
+device cannot change in place), except which path of a hardlinked inode comes first; that, and that the
+content a file's line names is still stored (gc), commit checks.
 
-Rows are kept in manifest order, so the cache is read alongside the walk (a merge, like git's index)
-and the next one is written as the commit goes: neither is ever held whole in memory, which matters at a
-million files.
+Rows are kept in manifest order, so the cache is read alongside the walk (a merge, like git's index) and the
+next one is written as the commit goes: neither is ever held whole in memory, which matters at a million
+files.
 """
 
 from __future__ import annotations
@@ -25,23 +29,31 @@ from .errors import NoSpace
 from .manifest import sort_key
 
 if TYPE_CHECKING:
-    from zstandard import ZstdCompressionObj
+    from zstandard import ZstdCompressor
 
-MAGIC = b"imgstore-statcache 4\n"  # then a zstd stream: header, then one record per file (docs/format.md)
+MAGIC = b"imgstore-statcache 5\n"  # then blocks: a header, then one record per entry (docs/format.md)
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
-# A row: ino, size, mtime_ns, ctime_ns, then the raw BLAKE3 digest.
-_STAT = struct.Struct("<QQqq")
-ROW = _STAT.size + 32
+KEY = struct.Struct("<QqqqIQII?")  # ino, size, mtime_ns, ctime_ns, mode, nlink, uid, gid, sparse
+_LENS = struct.Struct("<IIB")  # a record: path, line and digest lengths, then the path, key, digest and line
 _LEN = struct.Struct("<I")
 _START = struct.Struct("<q")
 _BUFFER = 1 << 20
 
+Row = tuple[bytes, bytes, bytes, bytes]  # path, key, manifest line, raw digest of a file's content (else b"")
+
+
+def key(st: os.stat_result) -> bytes:
+    """What must not have moved for a cached line to still describe the entry."""
+    size = st.st_size
+    return KEY.pack(st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                    st.st_blocks * 512 < size)
+
 
 class StatCache:
-    """Lookups and records must each come in manifest order, one lookup and one record per file.
+    """Lookups and records must each come in manifest order, one lookup and one record per entry.
 
-    The next cache is written only from the first file that differs: until then every record is a copy of
+    The next cache is written only from the first entry that differs: until then every record is a copy of
     the old row the lookup found, so an unchanged tree writes nothing, and a changed one copies that many
     old rows before its own records."""
 
@@ -49,15 +61,15 @@ class StatCache:
         self.path = path
         self.root = root
         self.trusted_before_ns = 0
-        self._old: Iterator[tuple[bytes, bytes]] = iter(())
-        self._cur: tuple[bytes, bytes] | None = None
+        self._old: Iterator[Row] = iter(())
+        self._cur: Row | None = None
         self._cur_key: list[bytes] | None = None
         self._lookups = 0
-        self._first_miss: int | None = None  # the first lookup that did not find its file as it was
+        self._first_miss: int | None = None  # the first lookup that did not find its entry as it was
         self._started: int | None = None
         self._out: BinaryIO | None = None
         self._tmp: Path | None = None
-        self._zstd: ZstdCompressionObj | None = None
+        self._zstd: ZstdCompressor | None = None
         self._buf = bytearray()
         self._broken: Exception | None = None
         self.records = 0
@@ -76,39 +88,53 @@ class StatCache:
         try:
             self._cur = next(self._old, None)
         except (OSError, ValueError, struct.error, ZstdError):
-            self._cur = None  # a damaged tail: what follows is read from the files
-            self._miss()
+            self._cur = None  # a damaged tail: what follows is examined anew
+            self._gone()
         self._cur_key = None
 
-    def _miss(self) -> None:
+    def _gone(self) -> None:
         if self._first_miss is None:
             self._first_miss = self._lookups
 
-    def lookup(self, rel: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> str | None:
-        row = self._find(rel)
-        try:
-            if row is None or ctime_ns >= self.trusted_before_ns or row[:_STAT.size] != _STAT.pack(
-                    ino, size, mtime_ns, ctime_ns):
-                self._miss()
-                return None
-            return row[_STAT.size:].hex()
-        finally:
-            self._lookups += 1
+    def lookup(self, rel: bytes, st: os.stat_result) -> Row | None:
+        """The row recorded for this entry, if its line still describes it; None is a miss."""
+        row = self._cur
+        if row is not None and row[0] == rel:  # the common case, without a call to _find or _advance
+            try:
+                self._cur = next(self._old, None)
+            except (OSError, ValueError, struct.error, ZstdError):
+                self._cur = None
+                self._gone()
+            self._cur_key = None
+        else:
+            row = self._find(rel)
+        self._lookups += 1
+        size = st.st_size
+        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != KEY.pack(
+                st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                st.st_blocks * 512 < size):  # key(st), without a call
+            self.miss()
+            return None
+        return row
 
-    def _find(self, rel: bytes) -> bytes | None:
-        key: list[bytes] | None = None
-        while self._cur is not None:
-            if self._cur[0] == rel:
-                row = self._cur[1]
+    def miss(self) -> None:
+        """The line the last lookup returned cannot be used after all."""
+        if self._first_miss is None:
+            self._first_miss = self._lookups - 1
+
+    def _find(self, rel: bytes) -> Row | None:
+        rel_key: list[bytes] | None = None
+        while (cur := self._cur) is not None:
+            if cur[0] == rel:
                 self._advance()
-                return row
-            if key is None:
-                key = sort_key(rel)
+                return cur
+            if rel_key is None:
+                rel_key = sort_key(rel)
             if self._cur_key is None:
-                self._cur_key = sort_key(self._cur[0])
-            if self._cur_key > key:
+                self._cur_key = sort_key(cur[0])
+            if self._cur_key > rel_key:
                 return None  # rel is new
-            self._miss()  # an old path that is gone
+            self._gone()  # an old path that is gone
             self._advance()
         return None
 
@@ -117,48 +143,46 @@ class StatCache:
         """Record the next cache, for a scan that started at `scan_started_ns`."""
         self._started = scan_started_ns
 
-    def record(self, rel: bytes, ino: int, size: int, mtime_ns: int, ctime_ns: int, digest: str) -> None:
+    def record(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
+        """A row: `line` describes the entry as its lstat fields `k` (key()) were; `digest` is its content's,
+        raw, if a file's."""
         first_miss = self._first_miss
         if first_miss is None or self.records < first_miss:
             self.records += 1  # a copy of the old row its lookup found
             return
-        if self._zstd is None:
-            if self._broken is not None:
-                return
+        if self._broken is None:
             try:
-                self._start()
+                if self._zstd is None:
+                    self._start()  # copies the `records` old rows before this one
+                self._add(rel, k, line, digest)
             except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
                 self._give_up(exc)
-                return
-        buf = self._buf
-        buf += _LEN.pack(len(rel))
-        buf += rel
-        buf += _STAT.pack(ino, size, mtime_ns, ctime_ns)
-        buf += bytes.fromhex(digest)
         self.records += 1
+
+    def _add(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
+        buf = self._buf
+        buf += _LENS.pack(len(rel), len(line), len(digest))
+        buf += rel
+        buf += k
+        buf += digest
+        buf += line
         if len(buf) >= _BUFFER:
-            try:
-                self._flush()
-            except (OSError, NoSpace) as exc:
-                self._give_up(exc)
+            self._flush()
 
     def _give_up(self, exc: Exception) -> None:
-        """Record no more (the old cache stays: a row is trusted only if the file still matches it); save()
+        """Record no more (the old cache stays: a row is trusted only if the entry still matches it); save()
         raises `exc` so that commit can warn."""
         self.discard()
         self._broken = exc if isinstance(exc, (OSError, NoSpace)) else OSError(f"the old stat cache: {exc}")
         self._zstd = None
 
     def _start(self) -> None:
-        """Open the temp file and copy the old rows the records so far repeat."""
+        """Begin the next cache with the old rows the records so far repeat."""
         assert self._started is not None, "begin() first"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        from .objects import loose_compressor
+        import zstandard
 
-        self._tmp = tmp_name(self.path)
-        self._out = open(self._tmp, "xb")
-        self._write(MAGIC)
-        self._zstd = loose_compressor(None).compressobj()  # its own: the manifest streams meanwhile
+        # Each block its own frame with a checksum, checked before any of its lines is used again.
+        self._zstd = zstandard.ZstdCompressor(level=1, write_checksum=True)  # as small as level 3, and faster
         root = os.fsencode(self.root)
         self._buf += _LEN.pack(len(root)) + root + _START.pack(self._started)
         if self.records:
@@ -166,19 +190,23 @@ class StatCache:
             if reader is None:
                 raise OSError("the stat cache changed during the commit")
             copied = 0
-            for rel, row in reader.rows():
+            for rel, k, line, digest in reader.rows():
                 if copied == self.records:
                     break
-                self._buf += _LEN.pack(len(rel)) + rel + row
+                self._add(rel, k, line, digest)
                 copied += 1
-                if len(self._buf) >= _BUFFER:
-                    self._flush()
             if copied != self.records:
                 raise OSError("the stat cache changed during the commit")
 
     def _flush(self) -> None:
         assert self._zstd is not None
-        self._write(self._zstd.compress(bytes(self._buf)))
+        if self._out is None:  # only now: a commit of a small tree that fails leaves no temp file behind
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = tmp_name(self.path)
+            self._out = open(self._tmp, "xb")
+            self._write(MAGIC)
+        frame = self._zstd.compress(bytes(self._buf))
+        self._write(_LEN.pack(len(frame)) + frame)
         self._buf.clear()
 
     def _write(self, data: bytes) -> None:
@@ -192,9 +220,9 @@ class StatCache:
 
     @property
     def unchanged(self) -> bool:
-        """Every file was found in the cache as it was and no cached file is gone. Ask after the last lookup."""
+        """Every entry was found in the cache as it was and no cached entry is gone. Ask after the last lookup."""
         if self._cur is not None:
-            self._miss()  # rows past the last file: files removed at the end of the tree
+            self._gone()  # rows past the last entry: entries removed at the end of the tree
         return self._first_miss is None and self.records > 0
 
     def save(self) -> None:
@@ -205,9 +233,10 @@ class StatCache:
             if self._zstd is None:
                 self._first_miss = self.records
                 self._start()
-            assert self._out is not None and self._tmp is not None and self._zstd is not None
-            self._write(self._zstd.compress(bytes(self._buf)) + self._zstd.flush())
+            if self._buf or self._out is None:
+                self._flush()
             out, self._out = self._out, None
+            assert out is not None and self._tmp is not None
             with out:
                 out.flush()
                 os.fchmod(out.fileno(), 0o600)
@@ -238,32 +267,31 @@ def _unlink(path: Path) -> None:
 
 
 class _Reader:
-    """The old cache's header, then its records one at a time."""
+    """The old cache's header, then its records one at a time, a block at a time."""
 
     def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.block = b""
+        self.pos = 0
+        self.started = 0
+
+    def next_block(self) -> bool:
         import zstandard
 
-        self.f = f
+        head = self.f.read(_LEN.size)
+        if not head:
+            return False
+        if len(head) < _LEN.size:
+            raise ValueError("truncated stat cache")
+        (n,) = _LEN.unpack(head)
+        frame = self.f.read(n)
         # A decompressor of its own, not the thread's: commit decompresses pack indexes meanwhile.
-        self.stream = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        self.buf = b""
+        d = zstandard.ZstdDecompressor().decompressobj()
+        self.block = d.decompress(frame)  # checks the frame's checksum
+        if len(frame) < n or not d.eof:
+            raise ValueError("truncated stat cache")
         self.pos = 0
-
-    def need(self, n: int) -> bool:
-        if len(self.buf) - self.pos < n:
-            parts = [self.buf[self.pos:]]
-            have = len(parts[0])
-            while have < n:  # a zstd stream may return less than asked for
-                more = self.stream.read(max(n - have, _BUFFER))
-                if not more:
-                    break
-                parts.append(more)
-                have += len(more)
-            self.buf = b"".join(parts)
-            self.pos = 0
-        return len(self.buf) - self.pos >= n
-
-    started = 0
+        return True
 
     @classmethod
     def open(cls, path: Path, root: str) -> _Reader | None:
@@ -285,29 +313,37 @@ class _Reader:
 
     def header(self, root: bytes) -> int | None:
         """The scan start, if this cache is of this format and this tree."""
-        if self.f.read(len(MAGIC)) != MAGIC or not self.need(_LEN.size):
+        if self.f.read(len(MAGIC)) != MAGIC or not self.next_block():
             return None
-        (n,) = _LEN.unpack_from(self.buf, self.pos)
-        self.pos += _LEN.size
-        if not self.need(n + _START.size) or self.buf[self.pos:self.pos + n] != root:
+        b = self.block
+        (n,) = _LEN.unpack_from(b)
+        if b[_LEN.size:_LEN.size + n] != root:
             return None
-        (started,) = _START.unpack_from(self.buf, self.pos + n)
-        self.pos += n + _START.size
+        (started,) = _START.unpack_from(b, _LEN.size + n)
+        self.pos = _LEN.size + n + _START.size
         return int(started)
 
-    def rows(self) -> Iterator[tuple[bytes, bytes]]:
+    def rows(self) -> Iterator[Row]:
         with self.f:
-            while self.need(_LEN.size):
-                (n,) = _LEN.unpack_from(self.buf, self.pos)
-                if not self.need(_LEN.size + n + ROW):
-                    raise ValueError("truncated stat cache")
-                start = self.pos + _LEN.size
-                self.pos = start + n + ROW
-                yield self.buf[start:start + n], self.buf[start + n:self.pos]
+            while True:
+                b, pos = self.block, self.pos
+                end = len(b)
+                while pos < end:
+                    plen, llen, dlen = _LENS.unpack_from(b, pos)
+                    p = pos + _LENS.size
+                    k = p + plen
+                    d = k + KEY.size
+                    line = d + dlen
+                    pos = line + llen
+                    if pos > end:
+                        raise ValueError("a stat cache record past its block")
+                    yield b[p:k], b[k:d], b[line:pos], b[d:line]
+                if not self.next_block():
+                    return
 
 
 def cache_path(store_root: Path, profile: str, chroot: str) -> Path:
     import blake3
 
-    key = blake3.blake3(os.fsencode(chroot)).hexdigest()[:16]
-    return store_root / "cache" / f"stat-{profile}-{key}"
+    name = blake3.blake3(os.fsencode(chroot)).hexdigest()[:16]
+    return store_root / "cache" / f"stat-{profile}-{name}"

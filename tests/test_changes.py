@@ -213,7 +213,7 @@ def test_nasty_tree_unchanged_then_odd_names_renamed(store: Store, tmp_path: Pat
 
 
 def test_noop_commit_writes_nothing_and_a_changed_file_rewrites_the_cache(store: Store, tmp_path: Path) -> None:
-    from imgstore.statcache import MAGIC, StatCache, cache_path
+    from imgstore.statcache import MAGIC, StatCache, cache_path, key
 
     tree = _committed(store, tmp_path)
     path = cache_path(store.root, "t", os.fspath(tree))
@@ -228,8 +228,15 @@ def test_noop_commit_writes_nothing_and_a_changed_file_rewrites_the_cache(store:
     cache = StatCache.load(path, os.fspath(tree))
     st = os.lstat(tree / "etc/motd")
     row = cache._find(b"etc/motd")  # (a lookup would not trust a file changed a moment ago)
-    assert row is not None and len(row) == 32 + 32  # four 8-byte stat fields and the raw digest
-    assert row[8:16] == st.st_size.to_bytes(8, "little") and row[32:] == blake3.blake3(b"changed\n").digest()
+    assert row is not None and row[:2] == (b"etc/motd", key(st))  # the path, its lstat fields, its manifest line
+    assert row[2].split(b"\t")[7] == blake3.blake3(b"changed\n").hexdigest().encode()
+    assert row[2] in store.objects.read(changed.generation.manifest).split(b"\n", 1)[1]
     # A cache from an older format (or damaged) is ignored: the next commit reads everything, and works.
-    path.write_bytes(b"imgstore-statcache 2\n" + b"\x00garbage")
-    assert commit.commit(store, tree, "t", "after", no_kernel=True).read_files > 20
+    import zstandard
+
+    root = os.fsencode(tree)
+    v4 = len(root).to_bytes(4, "little") + root + bytes(8) + (8).to_bytes(4, "little") + b"etc/motd" + bytes(64)
+    for old in (b"imgstore-statcache 4\n" + zstandard.ZstdCompressor().compress(v4),
+                b"imgstore-statcache 2\n" + b"\x00garbage"):
+        path.write_bytes(old)
+        assert commit.commit(store, tree, "t", "after", no_kernel=True).read_files > 20
