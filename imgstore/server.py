@@ -96,8 +96,19 @@ def _wait(sock: socket.socket) -> int | None:
         if worker:
             os.kill(worker, signum)
 
+    def suspend(_signum: int, _frame: object) -> None:  # Ctrl-Z: the worker stops with its client
+        if worker:
+            os.kill(worker, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def resume(_signum: int, _frame: object) -> None:  # fg, bg
+        if worker:
+            os.kill(worker, signal.SIGCONT)
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, relay)
+    signal.signal(signal.SIGTSTP, suspend)
+    signal.signal(signal.SIGCONT, resume)
     buf = b""
     while True:
         try:

@@ -225,3 +225,36 @@ def _wait_for_stopped_worker(server: Server) -> int:
                 return pid
         assert time.monotonic() < deadline, "no worker reached the fault point"
         time.sleep(0.05)
+
+
+def test_job_control_stops_and_continues_the_worker_with_its_client(tmp_path: Path, server: Server) -> None:
+    store = tmp_path / "store"
+    Store.init(store).close()
+    write_profile(store, "web")
+    tree = _tree(tmp_path / "chroot")
+    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store)}
+    client = subprocess.Popen([sys.executable, "-m", "imgstore", "watch", os.fspath(tree), "-p", "web"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stderr is not None
+        while "Ctrl-C to stop" not in client.stderr.readline():
+            assert client.poll() is None, "watch ended early"
+        (worker,) = server.workers()
+        client.send_signal(signal.SIGTSTP)  # Ctrl-Z
+        _wait_state(worker, "T")
+        _wait_state(client.pid, "T")
+        client.send_signal(signal.SIGCONT)  # fg
+        _wait_state(worker, "S")
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(timeout=60) == 0  # watch stops on SIGTERM with 0: the worker got it
+        assert "stopped watching" in client.stderr.read()
+    finally:
+        if client.poll() is None:
+            client.kill()
+
+
+def _wait_state(pid: int, state: str) -> None:
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.02)
