@@ -24,7 +24,7 @@ from . import generations, manifest
 from .errors import IntegrityError, UsageError
 from .manifest import BLOCK, CHAR, FILE, Entry, sort_key
 from .scan import Found, scan
-from .statcache import StatCache, cache_path
+from .statcache import StatCache, cache_path, file_digest
 from .store import Store
 
 ADDED, REMOVED, MODIFIED, METADATA = "added", "removed", "modified", "metadata"
@@ -228,7 +228,8 @@ def _compare(old_line: bytes, f: Found, cache: StatCache, rep: ChangeReport,
     digest = None
     if n.type == FILE:
         row = cache.lookup(n.path, f.st)
-        digest = row[3].hex() if row is not None and row[3] else None
+        raw = None if row is None else file_digest(row[2])
+        digest = None if raw is None else raw.hex()
         if digest is not None:
             n.digest = digest
     new_line = n.encode()[:-1]

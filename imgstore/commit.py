@@ -29,7 +29,7 @@ from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import LOOSE_MIN, ObjectStore, compressor
 from .scan import Found, describe, walk
-from .statcache import Row, StatCache, cache_path, key
+from .statcache import Row, StatCache, cache_path, file_digest, key
 from .store import Store
 
 if TYPE_CHECKING:
@@ -245,8 +245,9 @@ def commit(
                     return False
                 kept[rel] = e
                 return True
-            if row[3]:  # a file's line
-                if not objects.has_raw(row[3]):
+            digest = file_digest(row[2]) if stat.S_ISREG(st.st_mode) else None
+            if digest is not None:  # a file's line
+                if not objects.has_raw(digest):
                     return False
                 result["files"] += 1
                 result["bytes"] += st.st_size
@@ -269,7 +270,7 @@ def commit(
             def emit(item: Row | Found) -> bytes:
                 if isinstance(item, Found):
                     e = item.entry
-                    item = (e.path, key(item.st), e.encode(), bytes.fromhex(e.digest))
+                    item = (e.path, key(item.st), e.encode())
                 cache.record(*item)
                 return item[2]
 
@@ -303,7 +304,7 @@ def commit(
                                 while len(pending) > WINDOW:
                                     take_head()
                         else:
-                            item = (e.path, key(st), e.encode(), b"")
+                            item = (e.path, key(st), e.encode())
                     if not waiting and not isinstance(item, Found):
                         record(*item)  # nothing waits before it: the common case of an unchanged tree
                         out += item[2]
@@ -353,7 +354,8 @@ def commit(
                 for rel, _, st, first in walked:
                     if first is None and stat.S_ISREG(st.st_mode):
                         row = cache.lookup(rel, st)
-                        if row is None or not row[3] or not objects.has_raw(row[3]):
+                        digest = None if row is None else file_digest(row[2])
+                        if digest is None or not objects.has_raw(digest):
                             rest += st.st_size
                 inflight = sum(f.entry.size for founds, _ in pending for f in founds) + batch_bytes
                 raise no_space(store.root, None, rest + inflight) from exc

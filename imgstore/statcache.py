@@ -31,16 +31,16 @@ from .manifest import sort_key
 if TYPE_CHECKING:
     from zstandard import ZstdCompressor
 
-MAGIC = b"imgstore-statcache 5\n"  # then blocks: a header, then one record per entry (docs/format.md)
+MAGIC = b"imgstore-statcache 6\n"  # then blocks: a header, then one record per entry (docs/format.md)
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
 KEY = struct.Struct("<QqqqIQII?")  # ino, size, mtime_ns, ctime_ns, mode, nlink, uid, gid, sparse
-_LENS = struct.Struct("<IIB")  # a record: path, line and digest lengths, then the path, key, digest and line
+_LENS = struct.Struct("<II")  # a record: path and line lengths, then the path, key and line
 _LEN = struct.Struct("<I")
 _START = struct.Struct("<q")
 _BUFFER = 1 << 20
 
-Row = tuple[bytes, bytes, bytes, bytes]  # path, key, manifest line, raw digest of a file's content (else b"")
+Row = tuple[bytes, bytes, bytes]  # path, key, manifest line
 
 
 def key(st: os.stat_result) -> bytes:
@@ -143,9 +143,8 @@ class StatCache:
         """Record the next cache, for a scan that started at `scan_started_ns`."""
         self._started = scan_started_ns
 
-    def record(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
-        """A row: `line` describes the entry as its lstat fields `k` (key()) were; `digest` is its content's,
-        raw, if a file's."""
+    def record(self, rel: bytes, k: bytes, line: bytes) -> None:
+        """A row: `line` describes the entry as its lstat fields `k` (key()) were."""
         first_miss = self._first_miss
         if first_miss is None or self.records < first_miss:
             self.records += 1  # a copy of the old row its lookup found
@@ -154,17 +153,16 @@ class StatCache:
             try:
                 if self._zstd is None:
                     self._start()  # copies the `records` old rows before this one
-                self._add(rel, k, line, digest)
+                self._add(rel, k, line)
             except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
                 self._give_up(exc)
         self.records += 1
 
-    def _add(self, rel: bytes, k: bytes, line: bytes, digest: bytes) -> None:
+    def _add(self, rel: bytes, k: bytes, line: bytes) -> None:
         buf = self._buf
-        buf += _LENS.pack(len(rel), len(line), len(digest))
+        buf += _LENS.pack(len(rel), len(line))
         buf += rel
         buf += k
-        buf += digest
         buf += line
         if len(buf) >= _BUFFER:
             self._flush()
@@ -190,10 +188,10 @@ class StatCache:
             if reader is None:
                 raise OSError("the stat cache changed during the commit")
             copied = 0
-            for rel, k, line, digest in reader.rows():
+            for rel, k, line in reader.rows():
                 if copied == self.records:
                     break
-                self._add(rel, k, line, digest)
+                self._add(rel, k, line)
                 copied += 1
             if copied != self.records:
                 raise OSError("the stat cache changed during the commit")
@@ -329,17 +327,23 @@ class _Reader:
                 b, pos = self.block, self.pos
                 end = len(b)
                 while pos < end:
-                    plen, llen, dlen = _LENS.unpack_from(b, pos)
+                    plen, llen = _LENS.unpack_from(b, pos)
                     p = pos + _LENS.size
                     k = p + plen
-                    d = k + KEY.size
-                    line = d + dlen
+                    line = k + KEY.size
                     pos = line + llen
                     if pos > end:
                         raise ValueError("a stat cache record past its block")
-                    yield b[p:k], b[k:d], b[line:pos], b[d:line]
+                    yield b[p:k], b[k:line], b[line:pos]
                 if not self.next_block():
                     return
+
+
+def file_digest(line: bytes) -> bytes | None:
+    """The raw content digest a file's manifest line names; None for any other kind of entry."""
+    if line.split(b"\t", 2)[1] != b"f":
+        return None
+    return bytes.fromhex(line.rsplit(b"\t", 2)[1][:64].decode())
 
 
 def cache_path(store_root: Path, profile: str, chroot: str) -> Path:
