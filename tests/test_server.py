@@ -65,6 +65,21 @@ def server(tmp_path: Path) -> Iterator[Server]:
     s.stop()
 
 
+def _web_store(tmp_path: Path) -> tuple[Path, Path]:
+    """A store with a profile `web`, and a chroot."""
+    store = tmp_path / "store"
+    Store.init(store).close()
+    write_profile(store, "web")
+    return store, _tree(tmp_path / "chroot")
+
+
+def _commit(server: Server, store: Path, tree: Path, fault: str, **kw: object) -> subprocess.Popen[str]:
+    """A served commit of `tree` that meets IMGSTORE_FAULT=`fault`."""
+    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store), "IMGSTORE_FAULT": fault}
+    return subprocess.Popen([sys.executable, "-m", "imgstore", "commit", os.fspath(tree), "--profile", "web"],
+                            env=env, text=True, **kw)  # type: ignore[call-overload]
+
+
 def _tree(root: Path) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hostname").write_text("web\n")
@@ -74,10 +89,7 @@ def _tree(root: Path) -> Path:
 
 
 def test_served_commands_match_unserved_ones(tmp_path: Path, server: Server) -> None:
-    store = tmp_path / "store"
-    Store.init(store).close()
-    write_profile(store, "web")
-    tree = _tree(tmp_path / "chroot")
+    store, tree = _web_store(tmp_path)
     env = {"IMGSTORE_ROOT": os.fspath(store)}
     direct = {**env, "IMGSTORE_SOCKET": ""}
     # The chroot is given relative to the caller's directory, the store by the caller's environment.
@@ -104,13 +116,8 @@ def test_served_commands_match_unserved_ones(tmp_path: Path, server: Server) -> 
 
 
 def test_a_signal_to_the_client_stops_the_command_in_the_worker(tmp_path: Path, server: Server) -> None:
-    store = tmp_path / "store"
-    Store.init(store).close()
-    write_profile(store, "web")
-    tree = _tree(tmp_path / "chroot")
-    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store), "IMGSTORE_FAULT": "commit.before-flush:stop"}
-    client = subprocess.Popen([sys.executable, "-m", "imgstore", "commit", os.fspath(tree), "--profile", "web"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store, tree = _web_store(tmp_path)
+    client = _commit(server, store, tree, "commit.before-flush:stop", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     worker = _wait_for_stopped_worker(server)
     client.send_signal(signal.SIGTERM)  # relayed to the worker, which is paused at the fault point
     time.sleep(0.2)
@@ -123,13 +130,9 @@ def test_a_signal_to_the_client_stops_the_command_in_the_worker(tmp_path: Path, 
 
 
 def test_killing_the_client_stops_the_worker(tmp_path: Path, server: Server) -> None:
-    store = tmp_path / "store"
-    Store.init(store).close()
-    write_profile(store, "web")
-    tree = _tree(tmp_path / "chroot")
-    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store), "IMGSTORE_FAULT": "commit.before-flush:stop"}
-    client = subprocess.Popen([sys.executable, "-m", "imgstore", "commit", os.fspath(tree), "--profile", "web"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store, tree = _web_store(tmp_path)
+    client = _commit(server, store, tree, "commit.before-flush:stop", stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
     worker = _wait_for_stopped_worker(server)
     client.kill()
     client.wait()
@@ -143,15 +146,11 @@ def test_killing_the_client_stops_the_worker(tmp_path: Path, server: Server) -> 
 
 
 def test_a_killed_worker_is_one_line_and_exit_1(tmp_path: Path, server: Server) -> None:
-    store = tmp_path / "store"
-    Store.init(store).close()
-    write_profile(store, "web")
-    tree = _tree(tmp_path / "chroot")
-    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store), "IMGSTORE_FAULT": "commit.after-manifest:kill"}
-    res = subprocess.run([sys.executable, "-m", "imgstore", "commit", os.fspath(tree), "--profile", "web"],
-                         env=env, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1
-    assert res.stderr.count("\n") == 1 and "worker running this command was killed" in res.stderr
+    store, tree = _web_store(tmp_path)
+    client = _commit(server, store, tree, "commit.after-manifest:kill", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _out, err = client.communicate(timeout=60)
+    assert client.returncode == 1
+    assert err.count("\n") == 1 and "worker running this command was killed" in err
 
 
 def test_without_a_server_commands_run_in_their_own_process(tmp_path: Path) -> None:
@@ -228,10 +227,7 @@ def _wait_for_stopped_worker(server: Server) -> int:
 
 
 def test_job_control_stops_and_continues_the_worker_with_its_client(tmp_path: Path, server: Server) -> None:
-    store = tmp_path / "store"
-    Store.init(store).close()
-    write_profile(store, "web")
-    tree = _tree(tmp_path / "chroot")
+    store, tree = _web_store(tmp_path)
     env = {**server.env, "IMGSTORE_ROOT": os.fspath(store)}
     client = subprocess.Popen([sys.executable, "-m", "imgstore", "watch", os.fspath(tree), "-p", "web"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
