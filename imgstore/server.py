@@ -33,6 +33,7 @@ PROTOCOL = 1
 _LEN = struct.Struct("<I")
 _REPLY = struct.Struct("<ci")  # b"P" worker pid, b"X" exit code, b"R" refused (run it yourself)
 _MAX_REQUEST = 1 << 24
+RECEIVE_TIMEOUT = 30  # seconds a worker waits for its client's request
 SKIP = ("serve",)  # commands that must run in the client's own process
 
 
@@ -250,7 +251,9 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        conn.settimeout(RECEIVE_TIMEOUT)  # a client that connects and says nothing does not keep a worker
         request, fds = _receive(conn)
+        conn.settimeout(None)
         protocol, package, argv, cwd, env, umask, encodings = marshal.loads(request)
         if protocol != PROTOCOL or len(fds) != 3 or package != os.path.dirname(os.path.abspath(__file__)):
             conn.sendall(_REPLY.pack(b"R", 0))  # another installation's client: it runs the command itself
