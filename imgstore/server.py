@@ -280,7 +280,7 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
         for f in (sys.stdout, sys.stderr):
             try:
                 f.flush()
-            except OSError:
+            except (OSError, ValueError):  # a reader gone, a stream closed
                 pass
         conn.sendall(_REPLY.pack(b"X", code))
     except BaseException:  # noqa: BLE001  nothing may escape into the copy of the server's loop

@@ -254,3 +254,18 @@ def _wait_state(pid: int, state: str) -> None:
     while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
         assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
         time.sleep(0.02)
+
+
+def test_a_reader_that_goes_away_ends_the_command_the_same_served_or_not(tmp_path: Path, server: Server) -> None:
+    """`imgstore cat ... | head`: click exits 1 without a word when stdout's reader is gone; served, the same."""
+    store, tree = _web_store(tmp_path)
+    (tree / "etc" / "big").write_bytes(os.urandom(4 << 20))  # far more than a pipe holds
+    env = {**server.env, "IMGSTORE_ROOT": os.fspath(store)}
+    assert subprocess.run([sys.executable, "-m", "imgstore", "commit", os.fspath(tree), "-p", "web"], env=env,
+                          capture_output=True).returncode == 0
+    for sock in (server.env["IMGSTORE_SOCKET"], ""):
+        res = subprocess.run(f"{sys.executable} -m imgstore cat web@1 /etc/big | head -c 10 >/dev/null; "
+                             "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+                             text=True, env={**env, "IMGSTORE_SOCKET": sock}, timeout=60)
+        assert (res.stdout, res.stderr) == ("1\n", ""), (sock, res.stderr)
+    assert server.served() == 2
