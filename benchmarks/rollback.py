@@ -46,17 +46,15 @@ def make_tree(path: Path, megabytes: int) -> None:
                 f.write(block[j:] + block[:j])  # distinct megabytes, cheap to compress
 
 
-SOCKET = ""  # set by main() once its `imgstore serve` listens
-
-
-def imgstore(root: Path, *args: str, served: bool = False) -> float:
-    env = dict(os.environ, IMGSTORE_ROOT=os.fspath(root), IMGSTORE_SOCKET=SOCKET if served else "")
+def imgstore(root: Path, *args: str, socket: str = "") -> float:
+    """One command as its own process, or through the `imgstore serve` listening on `socket`."""
+    env = dict(os.environ, IMGSTORE_ROOT=os.fspath(root), IMGSTORE_SOCKET=socket)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "imgstore", *args], env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
-def scenario(work: Path, nodes: int, megabytes: int, runs: int) -> dict[str, object]:
+def scenario(work: Path, nodes: int, megabytes: int, runs: int, socket: str) -> dict[str, object]:
     from imgstore import nodes as nodes_mod
     from imgstore.store import Store
 
@@ -82,8 +80,8 @@ def scenario(work: Path, nodes: int, megabytes: int, runs: int) -> dict[str, obj
     for _ in range(runs):
         rollbacks.append(imgstore(root, "rollback"))
         rollouts.append(imgstore(root, "rollout", "web@2"))
-        served.append(imgstore(root, "rollback", served=True))
-        imgstore(root, "rollout", "web@2", served=True)
+        served.append(imgstore(root, "rollback", socket=socket))
+        imgstore(root, "rollout", "web@2", socket=socket)
     shutil.rmtree(root)
     return {"nodes": nodes, "tree_mb": megabytes, "rollback_median_s": statistics.median(rollbacks),
             "rollout_median_s": statistics.median(rollouts), "rollback_samples": rollbacks,
@@ -95,24 +93,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/rollback.json")
     args = ap.parse_args()
-    from benchmarks.bench import compile_checkout
+    from benchmarks.bench import compile_checkout, start_server
 
     compile_checkout()
-    global SOCKET
     work = Path(tempfile.mkdtemp(prefix="imgstore-rollback-bench-"))
-    SOCKET = os.fspath(work / "imgstore.sock")
-    server = subprocess.Popen([sys.executable, "-m", "imgstore", "serve", "--socket", SOCKET],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = work / "imgstore.sock"
+    server = start_server([sys.executable, "-m", "imgstore", "serve", "--socket", os.fspath(sock)], sock,
+                          dict(os.environ), work / "serve.log")
     try:
-        while not os.path.exists(SOCKET):
-            if server.poll() is not None:
-                raise SystemExit("imgstore serve did not start")
-            time.sleep(0.05)
         t0 = time.perf_counter()
         imgstore(work / "unused", "--version")
         version_s = statistics.median(
             [imgstore(work / "unused", "--version") for _ in range(args.runs)])
-        results = [scenario(work, n, mb, args.runs) for n, mb in ((10, 100), (1000, 100), (1000, 1000))]
+        results = [scenario(work, n, mb, args.runs, os.fspath(sock))
+                   for n, mb in ((10, 100), (1000, 100), (1000, 1000))]
         print(f"{'nodes':>6} {'tree':>8} {'rollback (median)':>18} {'rollout (median)':>17} {'rollback served':>16}"
               "  target")
         for r in results:
