@@ -229,9 +229,8 @@ def _compare(old_line: bytes, f: Found, cache: StatCache, rep: ChangeReport,
     if n.type == FILE:
         row = cache.lookup(n.path, f.st)
         raw = None if row is None else file_digest(row[2])
-        digest = None if raw is None else raw.hex()
-        if digest is not None:
-            n.digest = digest
+        if raw is not None:
+            digest = n.digest = raw.hex()
     new_line = n.encode()[:-1]
     if new_line == old_line:
         return

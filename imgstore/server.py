@@ -1,5 +1,5 @@
 """The command server: `imgstore serve` keeps Python and imgstore's modules loaded, so a command starts in
-milliseconds instead of a tenth of a second (docs/commands-day2.md).
+milliseconds instead of a tenth of a second (docs/commands-watch.md).
 
 Both sides live here; the client side (`forward`) imports nothing heavy, it runs before every command.
 
@@ -7,9 +7,9 @@ The client connects to a Unix socket and sends its argv, working directory, envi
 stdin, stdout and stderr as file descriptors (SCM_RIGHTS). The server forks a worker per command; the
 worker takes those descriptors, directory and environment as its own and runs the command exactly as the
 client process would have, writing straight to the client's terminal or pipes. The client forwards the
-signals it gets (Ctrl-C, SIGTERM, SIGHUP) to the worker and exits with the worker's exit code; if the
-client dies, the worker gets SIGTERM. A worker never outlives its command, the server itself never runs
-one: every command starts from the same freshly imported state.
+signals it gets (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT; Ctrl-Z and fg/bg stop and continue both) to the worker
+and exits with the worker's exit code; if the client dies, the worker gets SIGTERM. A worker never outlives
+its command, the server itself never runs one: every command starts from the same freshly imported state.
 
 The client falls back to running the command itself whenever no server answers, the server belongs to
 another user, or the server runs other code than the client (an upgrade since it started: it then exits,
@@ -155,9 +155,6 @@ def serve(path: str, run: Callable[[], None], on_notice: Callable[[str], None]) 
                        "stop it first (systemctl stop imgstore, or kill its PID), or give another --socket")
     finally:
         probe.close()
-    import gc
-
-    gc.freeze()  # what is loaded now stays out of the workers' collections: fewer copy-on-write page faults
     identity = _identity()
     listener = _listen(path)
     mine = os.lstat(path).st_ino
