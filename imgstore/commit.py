@@ -27,7 +27,7 @@ from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
-from .objects import LOOSE_MIN, ObjectStore, compressor
+from .objects import LOOSE_MIN, Block, ObjectStore
 from .scan import Found, describe, walk
 from .statcache import Row, StatCache, cache_path, file_digest, key
 from .store import Store
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from .profiles import Profile
 
 RETRIES = 3
-BATCH_FILES = 64
-BATCH_BYTES = 4 << 20
+BATCH_FILES = 1024
+BATCH_BYTES = 2 << 20  # a batch's new small files make one or two blocks (objects.BLOCK)
 WINDOW = 8  # batches in flight between the walk and the writer
 OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
 
@@ -65,6 +65,9 @@ class CommitResult:
 
 
 Progress = Callable[[int, int], None]
+# What a worker returns for a batch: (digest, bytes read, bytes stored loose) per file, and the compressed
+# blocks of its new small files (objects.Block.take()).
+_Batch = tuple[list[tuple[str, int, int]], list[tuple[list[tuple[bytes, int, int]], bytes]]]
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -72,7 +75,8 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 class _Reader:
-    """Reads, hashes and compresses one file in a worker thread; both release the GIL."""
+    """Reads and hashes one file in a worker thread (a large one is compressed into a loose object on the way);
+    returns (digest, content if small and not stored yet, bytes read, bytes stored loose)."""
 
     def __init__(self, store: Store) -> None:
         self.objects = store.objects
@@ -101,8 +105,8 @@ class _Reader:
                     if not _same(before, after) or len(data) != before.st_size:
                         continue
                     digest = blake3.blake3(data).hexdigest()
-                    blob = None if self.objects.has(digest) else compressor().compress(data)
-                    result: tuple[str, bytes | None, int, int] = (digest, blob, len(data), 0)
+                    result: tuple[str, bytes | None, int, int] = (
+                        digest, None if self.objects.has(digest) else data, len(data), 0)
                 else:
                     with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
                         digest, new = self.objects.put_stream(f)
@@ -164,8 +168,8 @@ class _Kept(Mapping[bytes, Entry]):
 
 _LOOKED_AT = frozenset((b"vmlinuz", b"initrd.img", b"etc/debian_version", b"etc/os-release", b"usr/lib/os-release",
                         b"var/lib/dpkg/status"))  # besides symlinks, hardlinks and boot/: see bootfiles, metadata
-# Entries held behind a file still being read before the walk waits for it. A large file compressing at the
-# loose level (libcrypto: 4.7 MB, 0.05 s) must not stop the walk of the 4,000 entries after it (0.025 s of an
+# Entries held behind a file still being read before the walk waits for it. A large file being compressed
+# (libcrypto: 4.7 MB, 0.03 s) must not stop the walk of the 4,000 entries after it (0.025 s of an
 # after-an-upgrade commit); at a few hundred bytes an entry the bound is about 10 MB.
 MAX_WAITING = 32768
 
@@ -212,31 +216,43 @@ def commit(
         objects = store.objects
         _ = objects.index, objects.loose  # loaded before the worker threads look at them
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
-        pending: deque[tuple[list[Found], Future[list[tuple[str, bytes | None, int, int]]]]] = deque()
+        pending: deque[tuple[list[Found], Future[_Batch]]] = deque()
         reader = _Reader(store)
         batch: list[Found] = []
         batch_bytes = 0
         entries = 0
         kept = _Kept()  # what bootfiles and metadata look at; nothing else is kept
 
-        def read_batch(founds: list[Found]) -> list[tuple[str, bytes | None, int, int]]:
-            return [reader(f) for f in founds]
+        def read_batch(founds: list[Found]) -> _Batch:
+            """Read a batch; its new small files are compressed together, in blocks, in the worker."""
+            done: list[tuple[str, int, int]] = []
+            blocks = []
+            block, seen = Block(), set()
+            for f in founds:
+                digest, content, nread, loose_new = reader(f)
+                done.append((digest, nread, loose_new))
+                if content is not None and (raw := bytes.fromhex(digest)) not in seen:
+                    seen.add(raw)
+                    if block.add(raw, content):
+                        blocks.append(block.take())
+            if block.objs:
+                blocks.append(block.take())
+            return done, blocks
 
         def take_head() -> None:
             founds, fut = pending.popleft()
-            for found, res in zip(founds, fut.result(), strict=True):
-                digest, blob, nread, loose_new = res
+            done, blocks = fut.result()
+            for found, (digest, nread, loose_new) in zip(founds, done, strict=True):
                 found.entry.digest = digest
                 result["read_files"] += 1
                 result["read_bytes"] += nread
                 if loose_new:
                     result["new_objects"] += 1
                     result["new_bytes"] += loose_new
-                if blob is not None:
-                    added = objects.add_compressed(digest, nread, blob)
-                    if added:
-                        result["new_objects"] += 1
-                        result["new_bytes"] += added
+            for objs, blob in blocks:
+                n, added = objects.add_block(objs, blob)
+                result["new_objects"] += n
+                result["new_bytes"] += added
 
         def cached(rel: bytes, st: os.stat_result, first: bytes | None, row: Row) -> bool:
             """Whether the cached row of a walked entry can be used. Its lstat fields match, so it is of the same

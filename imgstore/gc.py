@@ -23,7 +23,7 @@ from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE
 from .materialize import MAT, _rmtree, discard_stale, tree_path
-from .objects import compressor, read_pack_index
+from .objects import read_pack_index
 from .store import RESERVE, RESERVE_SIZE, Store, make_reserve
 
 
@@ -202,9 +202,8 @@ def _sweep_objects(store: Store, need: set[str], res: GcResult) -> None:
         if live:
             # Copy the live objects into the open pack; the old pack goes only once they are durable.
             try:
-                for d, s in live:
-                    data = objects.read(d.hex())
-                    objects.add_compressed(d.hex(), s.size, compressor().compress(data), force=True)
+                for d, _slot in live:
+                    objects.add_small(d.hex(), objects.read(d.hex()), force=True)
                 objects.flush()
             except NoSpace:
                 objects.abort()  # no room to rewrite it now: keep the whole pack, nothing is lost

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .db import Database
     from .profiles import Profile
 
-FORMAT = 1
+FORMAT = 2  # 2: packs hold blocks of several objects (docs/format.md); format 1 stores are read, and upgraded
 CONFIG = "imgstore.toml"
 DEFAULT_ROOT = "/var/lib/imgstore"
 
@@ -37,7 +38,11 @@ class Store:
     def __init__(self, root: Path, config: dict[str, object]) -> None:
         self.root = root
         self.config = config
-        self.objects = ObjectStore(root)
+        # A format 1 store becomes format 2 before its first pack of blocks is written (an older imgstore would
+        # misread one), by whoever holds the store lock then: a reader never writes the store.
+        fmt = config.get("format", FORMAT)
+        self.objects = ObjectStore(root, before_first_pack=self._upgrade if isinstance(fmt, int) and fmt < FORMAT
+                                   else None)
 
     # -- creation and opening -----------------------------------------------------------------
     @classmethod
@@ -102,6 +107,14 @@ class Store:
                 "upgrade imgstore on this machine",
             )
         return cls(root, config)
+
+    def _upgrade(self) -> None:
+        path = self.root / CONFIG
+        text, n = re.subn(r"(?m)^(\s*format\s*=\s*)\d+", rf"\g<1>{FORMAT}", path.read_text(encoding="utf-8"), count=1)
+        if n != 1:
+            raise ConfigError(f"{path}: cannot find the line 'format = ...' to upgrade", "restore imgstore.toml")
+        write_atomic(path, text.encode())
+        self.config["format"] = FORMAT
 
     # -- parts ----------------------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from .durable import TMP_PREFIX, remove_tree
 from .errors import IntegrityError
 from .generations import Generation
 from .manifest import FILE
-from .objects import ObjectStore, compressor, read_pack_index
+from .objects import ObjectStore, read_pack_index
 from .store import Store
 
 if TYPE_CHECKING:
@@ -346,23 +346,23 @@ def _repair(store: Store, rep: VerifyReport, bad_packs: list[str]) -> None:
     bad = {p.what for p in rep.problems if p.kind == "damaged"}
     for name in bad_packs:
         # Copy the good objects into a new pack, then retire the damaged one.
-        good: list[tuple[str, int, bytes]] = []
+        good: list[tuple[str, bytes]] = []
         try:
             slots = list(read_pack_index(objects.pack_path(name), name))
         except IntegrityError:
             slots = []
-        for raw, slot in slots:
+        for raw, _slot in slots:
             if raw.hex() in bad:
                 continue
             try:
                 data = objects.read(raw.hex())
             except IntegrityError:
                 continue
-            good.append((raw.hex(), slot.size, data))
+            good.append((raw.hex(), data))
         quarantine.mkdir(exist_ok=True)
         objects.index.clear()
-        for hexd, size, data in good:
-            objects.add_compressed(hexd, size, compressor().compress(data))
+        for hexd, data in good:
+            objects.add_small(hexd, data)
         objects.flush()  # the good objects are durable in a new pack before the old one goes
         os.rename(objects.pack_path(name), quarantine / f"{name}.pack")
         objects._index = None

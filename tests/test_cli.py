@@ -10,6 +10,7 @@ import pytest
 from conftest import Cli, disk_state, write_profile
 
 from imgstore.errors import EXIT_CODES
+from imgstore.store import FORMAT
 
 
 def _sample(tmp_path: Path) -> Path:
@@ -154,7 +155,7 @@ def test_broken_profile(ready: Path, tmp_path: Path, cli: Cli, body: str, words:
 def test_newer_store_format_and_newer_database_refused(ready: Path, tmp_path: Path, cli: Cli) -> None:
     cfg = tmp_path / "store/imgstore.toml"
     text = cfg.read_text()
-    cfg.write_text(text.replace("format = 1", "format = 99"))
+    cfg.write_text(text.replace(f"format = {FORMAT}", "format = 99"))
     _assert_clean_failure(cli("generations"), 5, "format 99", "upgrade imgstore")
     cfg.write_text(text)
     import sqlite3
