@@ -14,6 +14,7 @@ after an fsync, a pack is written to a temp file, fsynced and renamed, and the d
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -74,23 +75,36 @@ def hash_bytes(data: bytes) -> str:
 
 
 class Block:
-    """Small objects' contents back to back, to be compressed together as one zstd frame."""
+    """Small objects' contents back to back, to be compressed together as one zstd frame. Its buffer is
+    allocated once and reused: a file can be read straight into room() (no copy, no new pages per file)."""
 
     def __init__(self) -> None:
         self.objs: list[tuple[bytes, int, int]] = []  # raw digest, offset in the block, size
-        self.data = bytearray()
+        self.used = 0
+        self.view = memoryview(mmap.mmap(-1, MAX_BLOCK))  # pages zeroed by the kernel as first written, not all now
+
+    def room(self, size: int) -> memoryview:
+        """Where the next object of `size` bytes (< LOOSE_MIN) goes; keep() makes it part of the block."""
+        return self.view[self.used:self.used + size]
+
+    def keep(self, digest: bytes, size: int) -> bool:
+        """Take the object just written to room(size); returns whether the block is full now."""
+        self.objs.append((digest, self.used, size))
+        self.used += size
+        return self.used >= BLOCK
 
     def add(self, digest: bytes, content: bytes) -> bool:
-        """Append an object; returns whether the block is full now."""
-        self.objs.append((digest, len(self.data), len(content)))
-        self.data += content
-        return len(self.data) >= BLOCK
+        self.room(len(content))[:] = content
+        return self.keep(digest, len(content))
 
     def take(self) -> tuple[list[tuple[bytes, int, int]], bytes]:
         """(objects, compressed frame), leaving the block empty."""
-        out = self.objs, compressor().compress(self.data)
-        self.objs, self.data = [], bytearray()
+        out = self.objs, compressor().compress(self.view[:self.used])
+        self.clear()
         return out
+
+    def clear(self) -> None:
+        self.objs, self.used = [], 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +280,14 @@ class ObjectStore:
             if not new:
                 return 0, 0
             w = self._open_writer()
-            w.add_block(new, blob)
+            try:
+                w.add_block(new, blob)
+            except BaseException:
+                # Out of space (the writer aborted itself) or worse: commit's other threads must not write
+                # on into it; the error reaches the caller, which fails and aborts what is left.
+                w.abort()
+                self._writer = None
+                raise
             if w.offset >= PACK_MAX:
                 self._finish_pack()
             return len(new), len(blob)
@@ -521,7 +542,7 @@ class PackWriter:
 
     def add(self, digest: bytes, content: bytes) -> None:
         """Append an object to the open block (written when full, or by finish()). It counts as present at once."""
-        self._claim(digest, self.index.pack_value(self.pack_no, 0, 0, len(self.block.data), len(content)))
+        self._claim(digest, self.index.pack_value(self.pack_no, 0, 0, self.block.used, len(content)))
         if self.block.add(digest, content):
             self._close_block()
 
@@ -567,7 +588,7 @@ class PackWriter:
         return name
 
     def abort(self) -> None:
-        self.block = Block()
+        self.block.clear()
         slots = self.index.slots
         for d in self.keys:
             old = self.replaced.get(d)

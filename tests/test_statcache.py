@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import disk_state, write_profile
 from treeutil import IS_ROOT, PING_CAP, make_nasty_tree
@@ -120,14 +121,14 @@ def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: P
         return counted(), report
 
     read_at: list[int] = []
-    real_read = commit._Reader.__call__
+    real_read = commit._Reader.read
 
-    def spy(self: commit._Reader, found: commit.Found) -> tuple[str, bytes | None, int, int]:
+    def spy(self: commit._Reader, found: commit.Found, *args: Any) -> tuple[str, int, int]:
         read_at.append(walked[0])
-        return real_read(self, found)
+        return real_read(self, found, *args)
 
     monkeypatch.setattr(commit, "walk", counting_walk)
-    monkeypatch.setattr(commit._Reader, "__call__", spy)
+    monkeypatch.setattr(commit._Reader, "read", spy)
     second = commit.commit(store, tree, "t", "two", no_kernel=True)
     assert second.created and second.read_files == 1 and len(read_at) == 1
     assert read_at[0] < 20 < second.entries  # read while the walk was near it, not after all 304 entries
