@@ -46,11 +46,14 @@ def make_tree(path: Path, megabytes: int) -> None:
                 f.write(block[j:] + block[:j])  # distinct megabytes, cheap to compress
 
 
+IMGSTORE: list[str] = []  # how to run imgstore: benchmarks.bench.imgstore_argv()
+
+
 def imgstore(root: Path, *args: str, socket: str = "") -> float:
     """One command as its own process, or through the `imgstore serve` listening on `socket`."""
     env = dict(os.environ, IMGSTORE_ROOT=os.fspath(root), IMGSTORE_SOCKET=socket)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "imgstore", *args], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*IMGSTORE, *args], env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -92,13 +95,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/rollback.json")
+    ap.add_argument("--from-checkout", action="store_true", help="run `python -m imgstore` from this checkout")
     args = ap.parse_args()
-    from benchmarks.bench import compile_checkout, start_server
+    from benchmarks.bench import imgstore_argv, start_server
 
-    compile_checkout()
+    IMGSTORE[:] = imgstore_argv(args.from_checkout)
     work = Path(tempfile.mkdtemp(prefix="imgstore-rollback-bench-"))
     sock = work / "imgstore.sock"
-    server = start_server([sys.executable, "-m", "imgstore", "serve", "--socket", os.fspath(sock)], sock,
+    server = start_server([*IMGSTORE, "serve", "--socket", os.fspath(sock)], sock,
                           dict(os.environ), work / "serve.log")
     try:
         t0 = time.perf_counter()
