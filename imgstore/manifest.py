@@ -23,7 +23,8 @@ TYPES = frozenset((FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO))
 
 _UNSAFE = re.compile(rb"[^\x21-\x24\x26-\x2b\x2d-\x3c\x3e-\x7e]")  # escapes %, ',', '=', space, controls, 8-bit
 _ESCAPED = re.compile(rb"%([0-9A-F]{2})")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+_TYPE_OF = {t.encode(): t for t in TYPES}
 
 
 def escape(raw: bytes) -> bytes:
@@ -31,6 +32,8 @@ def escape(raw: bytes) -> bytes:
 
 
 def unescape(text: bytes) -> bytes:
+    if b"%" not in text:  # most names: no regex call (a manifest decode does one per entry)
+        return text
     return _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), text)
 
 
@@ -117,14 +120,12 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
                     f"{what}: the parent of {e.path!r} is not an earlier directory entry",
                     "the manifest is hostile or damaged",
                 )
-        elif e.type != DIR:
-            raise IntegrityError(f"{what}: the root entry is not a directory", "the manifest is hostile or damaged")
-        if e.path != b".":
-            parent = e.path.rpartition(b"/")[0] or b"."
             while open_dirs and open_dirs[-1] != parent:
                 open_dirs.pop()
             if not open_dirs:
                 raise IntegrityError(f"{what}: {e.path!r} is out of tree order", "the manifest is hostile or damaged")
+        elif e.type != DIR:
+            raise IntegrityError(f"{what}: the root entry is not a directory", "the manifest is hostile or damaged")
         if e.type == DIR:
             open_dirs.append(e.path)
         if e.type == HARDLINK:
@@ -144,30 +145,29 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
 def decode_line(line: bytes) -> Entry:
     """One entry (without its newline), unchecked: decode() checks paths and order."""
     path_s, t_s, mode_s, uid_s, gid_s, mtime_s, size_s, data, xa = line.split(b"\t")
-    t = t_s.decode()
-    if t not in TYPES:
-        raise ValueError(f"unknown type {t!r}")
-    e = Entry(
-        path=unescape(path_s), type=t, mode=int(mode_s, 8), uid=int(uid_s), gid=int(gid_s),
-        mtime_ns=int(mtime_s), size=int(size_s),
-    )
-    if e.mode & ~0o7777 or e.uid < 0 or e.gid < 0 or e.size < 0:
+    t = _TYPE_OF.get(t_s)
+    if t is None:
+        raise ValueError(f"unknown type {t_s!r}")
+    mode, uid, gid, size = int(mode_s, 8), int(uid_s), int(gid_s), int(size_s)
+    if mode & ~0o7777 or uid < 0 or gid < 0 or size < 0:
         raise ValueError("mode, owner or size out of range")
+    digest, target, rdev, sparse = "", b"", (0, 0), False
     if t == FILE:
-        digest, _, flag = data.partition(b",")
-        e.digest = digest.decode()
-        if not _HEX64.fullmatch(e.digest):
+        hexd, _, flag = data.partition(b",")
+        if not _HEX64.fullmatch(hexd):
             raise ValueError("bad content hash")
-        e.sparse = flag == b"sparse"
+        digest, sparse = hexd.decode(), flag == b"sparse"
     elif t in (SYMLINK, HARDLINK):
-        e.target = unescape(data)
+        target = unescape(data)
     elif t in (CHAR, BLOCK):
         major, minor = data.split(b",")
-        e.rdev = (int(major), int(minor))
+        rdev = (int(major), int(minor))
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
     if xa != b"-":
         pairs = []
         for item in xa.split(b","):
             k, v = item.split(b"=")
             pairs.append((unescape(k), bytes.fromhex(v.decode())))
-        e.xattrs = tuple(pairs)
-    return e
+        xattrs = tuple(pairs)
+    # Positional: the slotted dataclass's __init__ is the hot path of every manifest read.
+    return Entry(unescape(path_s), t, mode, uid, gid, int(mtime_s), size, digest, target, rdev, xattrs, sparse)

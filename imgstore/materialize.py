@@ -82,14 +82,15 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
         # Not something materialize made (a planted symlink or file): never serve it, never follow it.
         os.unlink(final)
     es = manifest_entries(store, gen)
-    check_objects(store.objects, es)
+    sources, todo = _plan_mat(store, es)
+    check_objects(store.objects, (e for e, _ in todo.values()))  # what the shared copies lack, before writing
     _real_dir(store.root / MAT)
     staging = store.root / f"{TMP_PREFIX}{gen.gen_id[:16]}-{gen.profile}-rootfs"
     if os.path.lexists(staging):
         _rmtree(staging)
     os.mkdir(staging, 0o700)
     try:
-        sources = _fill_mat(store, es)
+        _fill_mat(store, todo)
         restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
         faults.point("materialize.before-sync")
         syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
@@ -125,10 +126,9 @@ def _real_dir(p: Path) -> None:
     os.makedirs(p, mode=0o755, exist_ok=True)
 
 
-def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
-    """Make sure every file's and symlink's shared copy exists and return {id(entry): its path}, so that
-    restore() only links. (Two worker threads made no difference here: creating files is bound by the
-    filesystem.)"""
+def _plan_mat(store: Store, es: list[Entry]) -> tuple[dict[int, str], dict[str, tuple[Entry, str]]]:
+    """Where each file's and symlink's shared copy is ({id(entry): path}, for restore() to link), and which
+    copies are missing ({key: (entry, path)})."""
     sources: dict[int, str] = {}
     todo: dict[str, tuple[Entry, str]] = {}
     base = os.fspath(store.root / MAT)
@@ -144,13 +144,19 @@ def _fill_mat(store: Store, es: list[Entry]) -> dict[int, str]:
         path = sources[id(e)] = f"{base}/{sub}/{key}"
         if key not in listing[e.type == SYMLINK] and key not in todo:
             todo[key] = (e, path)
+    return sources, todo
+
+
+def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
+    """Make the missing shared copies. (Two worker threads made no difference here: creating files is bound
+    by the filesystem.)"""
+    base = os.fspath(store.root / MAT)
     if todo:
         _real_dir(store.root / MAT)
         for sub in {key[:2] for key in todo}:
             _real_dir(store.root / MAT / sub)
     for key, (e, path) in todo.items():
         _make_mat(store, e, path, f"{base}/{TMP_PREFIX}{key}")
-    return sources
 
 
 def _listing(folder: str) -> tuple[set[str], set[str]]:
