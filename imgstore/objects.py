@@ -35,6 +35,9 @@ CHUNK = 1 << 20
 # Level 2 on 1 MiB blocks: a minbase rootfs's 95 MB of small files compress to 37 MB in 0.21 s of CPU, where
 # level 3 on each file alone gave 43 MB in 0.29 s (level 3 on blocks: 36 MB, 0.28 s).
 LEVEL = 2
+# Loose objects (1 MiB and more, compressed as a stream): level 3. On a 4 GiB image (half random, half text)
+# it is faster than 2 (0.12 s vs 0.18 s of CPU per 256 MB) and 4% smaller; on a rootfs's libraries 7% smaller.
+STREAM_LEVEL = 3
 BLOCK = 1 << 20  # a block is closed once it holds this much
 MAX_BLOCK = BLOCK + LOOSE_MIN  # what a block can hold: a reader refuses to decompress a frame that claims more
 
@@ -60,7 +63,7 @@ def compressor() -> zstandard.ZstdCompressor:
 def stream_compressor() -> zstandard.ZstdCompressor:
     """A compressor of its own (not the thread's): a stream may be written while the same thread compresses
     other things, e.g. the manifest while commit's walk finishes a pack."""
-    return zstandard.ZstdCompressor(level=LEVEL)
+    return zstandard.ZstdCompressor(level=STREAM_LEVEL)
 
 
 def decompressor() -> zstandard.ZstdDecompressor:
