@@ -289,10 +289,12 @@ class Imgstore(Tool):
         self.has_materialize = False
 
     def env(self, ws: Workspace | None = None) -> dict[str, str]:
-        # For the `python -m imgstore` fallback; harmless when an installed imgstore is found. An empty
-        # IMGSTORE_SOCKET: each command runs in its own process even if an `imgstore serve` runs here.
-        path = [os.fspath(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        return {"PYTHONPATH": os.pathsep.join(path), "IMGSTORE_SOCKET": ""}
+        # An empty IMGSTORE_SOCKET: each command runs in its own process even if an `imgstore serve` runs here.
+        env = {"IMGSTORE_SOCKET": ""}
+        if self.argv[:1] == [sys.executable]:  # --from-checkout: `python -m imgstore` finds this checkout
+            env["PYTHONPATH"] = os.pathsep.join([os.fspath(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        # Installed: nothing of this checkout on the path (it would shadow the installed package).
+        return env
 
     def probe(self) -> str | None:
         """None when the CLI runs, else why not; also learns whether `materialize` exists yet."""
