@@ -192,12 +192,10 @@ def _sweep_objects(store: Store, need: set[str], res: GcResult) -> None:
     for name in objects.pack_names():
         path = objects.pack_path(name)
         try:
-            slots = list(read_pack_index(path, name))
+            slots = read_pack_index(path, name)
         except IntegrityError:
             continue  # verify reports it; gc never deletes what it cannot read
-        # In the pack's own order: objects of a block are read one after another (one decompression each
-        # block, not one each object) and stay neighbours in the new pack.
-        live = sorted(((d, s) for d, s in slots if d.hex() in need), key=lambda x: (x[1].offset, x[1].inner))
+        live = [(d, s) for d, s in slots if d.hex() in need]  # in pack order: neighbours stay neighbours
         if len(live) == len(slots):
             continue
         size = path.stat().st_blocks * 512

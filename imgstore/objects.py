@@ -252,18 +252,19 @@ class ObjectStore:
         return self._loose
 
     def has(self, digest: str) -> bool:
-        if bytes.fromhex(digest) in self.index.slots:
+        return self.has_raw(bytes.fromhex(digest))
+
+    def has_raw(self, raw: bytes) -> bool:
+        """has(), for a digest as bytes."""
+        if raw in self.index.slots:
             return True  # packed, or in the pack being written
+        digest = raw.hex()
         if digest in self.loose:
             # Confirm on disk: a loose object may have been removed (gc, verify --repair) since the listing.
             if os.path.exists(self.loose_path(digest)):
                 return True
             self.loose.discard(digest)
         return False
-
-    def has_raw(self, digest: bytes) -> bool:
-        """has(), for a digest as bytes."""
-        return digest in self.index.slots or self.has(digest.hex())
 
     # -- writing ------------------------------------------------------------------------------
     def _open_writer(self) -> PackWriter:
@@ -611,9 +612,12 @@ class PackWriter:
             pass
 
 
-def read_pack_index(path: Path, name: str) -> Iterator[tuple[bytes, PackSlot]]:
-    for digest, *where in pack_records(path, name):
-        yield digest, PackSlot(name, *where)
+def read_pack_index(path: Path, name: str) -> list[tuple[bytes, PackSlot]]:
+    """A pack's objects in the pack's own order, block by block: whoever reads them all (gc, verify) then
+    decompresses each block once, not once for each of its objects."""
+    slots = [(digest, PackSlot(name, *where)) for digest, *where in pack_records(path, name)]
+    slots.sort(key=lambda x: (x[1].offset, x[1].inner))
+    return slots
 
 
 def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int, int]]:

@@ -84,7 +84,7 @@ def _check_pack(objects: ObjectStore, name: str) -> tuple[str | None, list[tuple
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        slots = sorted(read_pack_index(path, name), key=lambda x: (x[1].offset, x[1].inner))  # block by block
+        slots = read_pack_index(path, name)
     except FileNotFoundError:
         return None  # removed since the listing: gc rewrote it, after copying what it kept into a new pack
     except IntegrityError as exc:
@@ -348,7 +348,7 @@ def _repair(store: Store, rep: VerifyReport, bad_packs: list[str]) -> None:
         # Copy the good objects into a new pack, then retire the damaged one.
         good: list[tuple[str, bytes]] = []
         try:
-            slots = sorted(read_pack_index(objects.pack_path(name), name), key=lambda x: (x[1].offset, x[1].inner))
+            slots = read_pack_index(objects.pack_path(name), name)
         except IntegrityError:
             slots = []
         for raw, _slot in slots:
