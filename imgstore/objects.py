@@ -26,7 +26,7 @@ from typing import BinaryIO, Protocol
 import blake3
 import zstandard
 
-from .durable import TMP_PREFIX, fsync_dir, no_space, tmp_name
+from .durable import TMP_PREFIX, WRITEBACK, fsync_dir, no_space, start_writeback, tmp_name
 from .errors import IntegrityError
 
 LOOSE_MIN = 1 << 20  # contents this size or larger get their own file
@@ -339,11 +339,16 @@ class ObjectStore:
         try:
             with open(tmp, "xb") as out:
                 writer = stream_compressor().stream_writer(out, closefd=False)
+                written_back = 0
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     writer.write(chunk)
                     if on_chunk:
                         on_chunk(len(chunk))
+                    if (end := out.tell()) - written_back >= WRITEBACK:
+                        out.flush()
+                        start_writeback(out.fileno(), written_back, end - written_back)
+                        written_back = end
                 writer.flush(zstandard.FLUSH_FRAME)
                 out.flush()
                 stored = out.tell()
@@ -515,6 +520,7 @@ class PackWriter:
         self.keys: list[bytes] = []  # this pack's objects
         self.replaced: dict[bytes, int] = {}  # index entries a forced copy took over (gc, repair)
         self.offset = 0
+        self.written_back = 0  # what start_writeback() was asked for
         self.block = Block()  # what add() collects
         self._write(PACK_MAGIC)
 
@@ -528,6 +534,10 @@ class PackWriter:
             raise
         self.hash.update(data)
         self.offset += len(data)
+        if self.offset - self.written_back >= WRITEBACK:
+            self.f.flush()
+            start_writeback(self.f.fileno(), self.written_back, self.offset - self.written_back)
+            self.written_back = self.offset
 
     def _claim(self, digest: bytes, value: int) -> None:
         slots = self.index.slots

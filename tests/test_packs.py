@@ -179,3 +179,36 @@ def test_a_hostile_block_is_damage_not_an_allocation(store: Store, tmp_path: Pat
     assert "larger than any block" in err.value.message or "wrong size" in err.value.message
     fresh.close()
     os.unlink(store.root / "packs" / f"{name}.pack")
+
+
+def test_big_packs_and_loose_objects_start_writeback_as_they_grow(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real sync_file_range(2) is called (spied on, not replaced) over each written range in turn, so that
+    the closing fsync waits for the last few MB only; the pack and the loose object read back whole."""
+    from imgstore import durable, objects
+
+    calls: dict[int, list[tuple[int, int]]] = {}  # by file descriptor: the pack's and the loose object's
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        calls.setdefault(fd, []).append((offset, length))
+        durable.start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(objects, "start_writeback", spy)
+    write_profile(store.root, "t", PROFILE)
+    tree = tmp_path / "tree"
+    rng = random.Random(3)
+    files = {f"d/f{i}": rng.randbytes(200_000) for i in range(120)}  # 24 MB that does not compress: a pack
+    files["big"] = rng.randbytes(20 << 20)  # a loose object
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    gen = commit.commit(store, tree, "t", no_kernel=True).generation
+    assert durable._sync_file_range, "sync_file_range not found in libc"
+    assert len(calls) == 2 and all(len(r) >= 2 for r in calls.values()), calls
+    for r in calls.values():
+        assert r[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(r, r[1:], strict=False)), r  # in turn
+        assert all(n >= durable.WRITEBACK for _, n in r), r
+    out = tmp_path / "out"
+    browse.checkout(store, gen, out)
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data, rel
