@@ -527,17 +527,17 @@ class PackWriter:
     def _write(self, data: bytes) -> None:
         try:
             self.f.write(data)
+            self.offset += len(data)
+            if self.offset - self.written_back >= WRITEBACK:
+                self.f.flush()
+                start_writeback(self.f.fileno(), self.written_back, self.offset - self.written_back)
+                self.written_back = self.offset
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.abort()
                 raise no_space(self.dir, exc) from exc
             raise
         self.hash.update(data)
-        self.offset += len(data)
-        if self.offset - self.written_back >= WRITEBACK:
-            self.f.flush()
-            start_writeback(self.f.fileno(), self.written_back, self.offset - self.written_back)
-            self.written_back = self.offset
 
     def _claim(self, digest: bytes, value: int) -> None:
         slots = self.index.slots
