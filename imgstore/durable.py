@@ -110,6 +110,16 @@ _sync_file_range: Any = None  # the libc function once looked up; False if libc 
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def write_back(f: BinaryIO, started: int, end: int) -> int:
+    """For a file being written: start the writeback of its bytes from `started` to `end` once they are
+    WRITEBACK or more. Returns where the writeback has been started up to."""
+    if end - started < WRITEBACK:
+        return started
+    f.flush()
+    start_writeback(f.fileno(), started, end - started)
+    return end
+
+
 def replace_symlink(link: StrPath, target: str, sync_dir: bool = True) -> None:
     """Point `link` at `target` by renaming a new symlink over it: the link never disappears."""
     link = Path(link)

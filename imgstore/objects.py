@@ -26,7 +26,7 @@ from typing import BinaryIO, Protocol
 import blake3
 import zstandard
 
-from .durable import TMP_PREFIX, WRITEBACK, fsync_dir, no_space, start_writeback, tmp_name
+from .durable import TMP_PREFIX, fsync_dir, no_space, tmp_name, write_back
 from .errors import IntegrityError
 
 LOOSE_MIN = 1 << 20  # contents this size or larger get their own file
@@ -345,10 +345,7 @@ class ObjectStore:
                     writer.write(chunk)
                     if on_chunk:
                         on_chunk(len(chunk))
-                    if (end := out.tell()) - written_back >= WRITEBACK:
-                        out.flush()
-                        start_writeback(out.fileno(), written_back, end - written_back)
-                        written_back = end
+                    written_back = write_back(out, written_back, out.tell())
                 writer.flush(zstandard.FLUSH_FRAME)
                 out.flush()
                 stored = out.tell()
@@ -520,7 +517,7 @@ class PackWriter:
         self.keys: list[bytes] = []  # this pack's objects
         self.replaced: dict[bytes, int] = {}  # index entries a forced copy took over (gc, repair)
         self.offset = 0
-        self.written_back = 0  # what start_writeback() was asked for
+        self.written_back = 0  # what write_back() started
         self.block = Block()  # what add() collects
         self._write(PACK_MAGIC)
 
@@ -528,10 +525,7 @@ class PackWriter:
         try:
             self.f.write(data)
             self.offset += len(data)
-            if self.offset - self.written_back >= WRITEBACK:
-                self.f.flush()
-                start_writeback(self.f.fileno(), self.written_back, self.offset - self.written_back)
-                self.written_back = self.offset
+            self.written_back = write_back(self.f, self.written_back, self.offset)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.abort()

@@ -186,15 +186,16 @@ def test_big_packs_and_loose_objects_start_writeback_as_they_grow(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real sync_file_range(2) is called (spied on, not replaced) over each written range in turn, so that
     the closing fsync waits for the last few MB only; the pack and the loose object read back whole."""
-    from imgstore import durable, objects
+    from imgstore import durable
 
     calls: dict[int, list[tuple[int, int]]] = {}  # by file descriptor: the pack's and the loose object's
+    real = durable.start_writeback
 
     def spy(fd: int, offset: int, length: int) -> None:
         calls.setdefault(fd, []).append((offset, length))
-        durable.start_writeback(fd, offset, length)
+        real(fd, offset, length)
 
-    monkeypatch.setattr(objects, "start_writeback", spy)
+    monkeypatch.setattr(durable, "start_writeback", spy)
     write_profile(store.root, "t", PROFILE)
     tree = tmp_path / "tree"
     rng = random.Random(3)
