@@ -67,9 +67,8 @@ class CommitResult:
 
 
 Progress = Callable[[int, int], None]
-# What a worker returns for a batch: (digest, bytes read, bytes stored loose) per file, then the objects and
-# bytes it stored.
-_Batch = tuple[list[tuple[str, int, int]], int, int]
+# What a worker returns for a batch: (digest, bytes read) per file, then the objects and bytes it stored.
+_Batch = tuple[list[tuple[str, int]], int, int]
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -89,7 +88,7 @@ class _Reader:
         block: Block | None = getattr(self._local, "block", None)
         if block is None:
             block = self._local.block = Block()
-        done: list[tuple[str, int, int]] = []
+        done: list[tuple[str, int]] = []
         seen: set[bytes] = set()
         stored = [0, 0]  # new objects, new bytes
 
@@ -101,7 +100,7 @@ class _Reader:
         try:
             for f in founds:
                 digest, nread, loose_new = self.read(f, block, seen)
-                done.append((digest, nread, loose_new))
+                done.append((digest, nread))
                 if loose_new:
                     stored[0] += 1
                     stored[1] += loose_new
@@ -280,7 +279,7 @@ def commit(
         def take_head() -> None:
             founds, fut = pending.popleft()
             done, new_objects, new_bytes = fut.result()
-            for found, (digest, nread, _loose) in zip(founds, done, strict=True):
+            for found, (digest, nread) in zip(founds, done, strict=True):
                 found.entry.digest = digest
                 result["read_files"] += 1
                 result["read_bytes"] += nread

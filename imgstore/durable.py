@@ -8,6 +8,7 @@ a power loss the rename is either there or not.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,11 +79,9 @@ def write_atomic(target: StrPath, data: bytes, mode: int = 0o644, sync_dir: bool
 def syncfs(path: StrPath) -> None:
     """Everything written to path's filesystem durable, data and metadata, with one syncfs(2): far cheaper
     than an fsync per file for thousands of small files (and than sync(2), which waits for every disk)."""
-    import ctypes
-
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+        if _libc().syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
@@ -95,18 +94,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing this range of the file to disk now, without waiting (sync_file_range(2),
     as borg does): the fsync that makes the file durable then waits for the last few MB instead of all of it
     (a minbase's 46 MB pack: 0.03 s -> 0.01 s). Only a head start: durability is still the fsync's."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        import ctypes
-
-        _sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", False)
-        if _sync_file_range:
-            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
+    fn = getattr(_libc(), "sync_file_range", None)
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
 
 
-_sync_file_range: Any = None  # the libc function once looked up; False if libc has none
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -118,6 +110,17 @@ def write_back(f: BinaryIO, started: int, end: int) -> int:
     f.flush()
     start_writeback(f.fileno(), started, end - started)
     return end
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, loaded once, for what `os` has no wrapper of (syncfs, sync_file_range)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "sync_file_range"):
+        libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return libc
 
 
 def replace_symlink(link: StrPath, target: str, sync_dir: bool = True) -> None:

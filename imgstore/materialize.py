@@ -150,9 +150,8 @@ def _plan_mat(store: Store, es: list[Entry]) -> tuple[dict[int, str], dict[str, 
 def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
     """Make the missing shared copies. (Two worker threads made no difference here: creating files is bound
     by the filesystem.)"""
-    base = os.fspath(store.root / MAT)
+    base = os.fspath(store.root / MAT)  # made by materialize() already
     if todo:
-        _real_dir(store.root / MAT)
         for sub in {key[:2] for key in todo}:
             _real_dir(store.root / MAT / sub)
     for key, (e, path) in todo.items():

@@ -205,7 +205,7 @@ def test_big_packs_and_loose_objects_start_writeback_as_they_grow(
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(data)
     gen = commit.commit(store, tree, "t", no_kernel=True).generation
-    assert durable._sync_file_range, "sync_file_range not found in libc"
+    assert hasattr(durable._libc(), "sync_file_range"), "sync_file_range not found in libc"
     assert len(calls) == 2 and all(len(r) >= 2 for r in calls.values()), calls
     for r in calls.values():
         assert r[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(r, r[1:], strict=False)), r  # in turn
