@@ -1,5 +1,6 @@
 """Entry point. `imgstore --version` answers before anything heavy is imported; with `imgstore serve`
-running, the command runs in the server (imgstore/server.py) and nothing heavy is imported here at all."""
+running, the command runs in the server (imgstore/server.py) and nothing heavy is imported here at all;
+a plain `commit` or `materialize` runs without importing typer (cli_fast.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main() -> None:
     code = forward(sys.argv)
     if code is not None:
         os._exit(code)  # the worker did the work: nothing to finalize here (interpreter teardown costs ~10 ms)
+    from .cli_fast import run as run_fast
+
+    run_fast(sys.argv[1:])  # commit and materialize without typer, when the line is a plain one
     from .cli_run import run
 
     run()

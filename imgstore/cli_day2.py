@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import JsonOpt, NoWait, app, emit_json, human_bytes, open_store, progress_bar
+from .cli import JsonOpt, NoWait, app
+from .cli_common import emit_json, human_bytes, open_store, progress_bar
 
 _MARK = {"added": "A", "removed": "D", "modified": "M", "symlink": "L", "metadata": "m", "mtime": "t"}
 

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import JsonOpt, NoWait, app, console, emit_json, open_store, when
+from . import cli_fast
+from .cli import JsonOpt, NoWait, app
+from .cli_common import console, emit_json, open_store, when
 from .errors import UsageError
 
 node_app = typer.Typer(help="Manage nodes: machines known by name and MAC.", no_args_is_help=True)
@@ -250,27 +252,7 @@ def materialize(
 
     Example: imgstore materialize web@42
     """
-    import time
-
-    from . import generations
-    from .locking import store_lock
-    from .materialize import discard_stale
-    from .materialize import materialize as mat
-
-    store = open_store()
-    t0 = time.monotonic()
-    with store_lock(store.root, "materialize", not no_wait):
-        with store.engine.connect() as conn:
-            g = generations.resolve(conn, gen)
-        discard_stale(store)
-        path, created = mat(store, g)
-    from . import audit
-
-    audit.note(profile=g.profile, generation=g.ref, detail=os.fspath(path))
-    if json_out:
-        emit_json({"generation": g.ref, "path": path, "created": created, "seconds": time.monotonic() - t0})
-    else:
-        print(f"{g.ref} {'materialized at' if created else 'already materialized at'} {path}")
+    cli_fast.materialize(gen, no_wait, json_out)
 
 
 @app.command()
@@ -328,7 +310,7 @@ def gc(
     Example: imgstore gc --keep 5 --older-than 30d --dry-run
     """
     from . import gc as gc_mod
-    from .cli import human_bytes
+    from .cli_common import human_bytes
 
     if keep < 0:
         raise UsageError("--keep must be 0 or more", "e.g. --keep 3")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-import typer
-
-from .cli import app, shown, state
+from .cli_common import shown, state
 from .errors import ConfigError, Conflict, ImgstoreError, NotFound, UsageError
 
 
@@ -27,9 +26,18 @@ def load_commands() -> None:
 
 
 def run(command: Any = None) -> None:
-    """Run the app (or `command`, the app's click command built beforehand by `imgstore serve`), turning
-    library errors into one line and an exit code; audit what changed things."""
+    """Run the app (or `command`, the app's click command built beforehand by `imgstore serve`)."""
     load_commands()
+    if command is None:
+        from .cli import app
+
+        command = app
+    execute(lambda: command(standalone_mode=False))
+
+
+def execute(call: Callable[[], Any]) -> None:
+    """Run a command (typer's app, or cli_fast's), turning library errors into one line and an exit code;
+    audit what changed things. Never returns."""
     import signal
 
     # What imgstore creates must not depend on the operator's umask: the store is writable by its owner
@@ -44,7 +52,7 @@ def run(command: Any = None) -> None:
     signal.signal(signal.SIGTERM, _interrupted)
     code, message = 0, ""
     try:
-        rc = (command or app)(standalone_mode=False)
+        rc = call()
         code = rc if isinstance(rc, int) else 0
     except ImgstoreError as exc:
         code, message = exc.exit_code, str(exc)
@@ -68,12 +76,12 @@ def run(command: Any = None) -> None:
         else:
             where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
             code, message = 1, f"{exc.strerror or exc}{where} (re-run with IMGSTORE_DEBUG=1 for a traceback)"
-    except typer.Exit as exc:
-        code = exc.exit_code
     except Exception as exc:  # noqa: BLE001
         full = _database_full(exc)
         # Typer may bundle its own copy of click, so match click's exceptions by shape, not by class.
-        if full is not None:
+        if type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
+            code = getattr(exc, "exit_code")  # noqa: B009  typer.Exit(n) from a command
+        elif full is not None:
             code, message = full.exit_code, str(full)
         elif type(exc).__name__ == "Abort":
             code, message = 130, "aborted"
@@ -113,6 +121,10 @@ def _click_message(exc: Exception) -> str:
 def _typed_command(args: list[str]) -> list[str]:
     """The command and subcommand names at the start of a command line (`node add`), skipping options and
     their values."""
+    import typer
+
+    from .cli import app
+
     cmd: Any = typer.main.get_command(app)
     names: list[str] = []
     words = iter(args)

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import app, emit_json, human_bytes, report_skipped, state
+from .cli import app
+from .cli_common import emit_json, human_bytes, report_skipped, state
 
 SHOW_MAX = 100  # lines per kind; --json lists everything
 
@@ -96,7 +97,7 @@ def watch(
     """
     from . import audit
     from .changes import resolve_target
-    from .cli import open_store
+    from .cli_common import open_store
     from .watch import Watcher, parse_duration
 
     quiet = parse_duration(quiet_period)

@@ -36,13 +36,15 @@ def cli(tmp_path: Path) -> Cli:
     """Run the real command line as a separate process against the test's store."""
 
     def run(*args: str | os.PathLike[str], root: Path | None = None, input: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            env: dict[str, str] | None = None, python_args: bool = False) -> subprocess.CompletedProcess[str]:
+        """`python -m imgstore ARGS`; with python_args, `python ARGS`."""
         e = dict(os.environ)
         e["IMGSTORE_ROOT"] = os.fspath(root or tmp_path / "store")
         e.pop("IMGSTORE_FAULT", None)
         e.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "imgstore", *map(os.fspath, args)], capture_output=True, text=True,
+            [sys.executable, *([] if python_args else ["-m", "imgstore"]), *[os.fspath(a) for a in args]],
+            capture_output=True, text=True,
             env=e, input=input, errors="surrogateescape", timeout=600,
         )
 
