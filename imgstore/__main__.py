@@ -1,5 +1,5 @@
 """Entry point. `imgstore --version` answers before anything heavy is imported; with `imgstore serve`
-running, the command runs in the server (imgstore/server.py) and nothing heavy is imported here at all;
+running, the command runs in the server (imgstore/client.py, server.py) and nothing heavy is imported here at all;
 a plain `commit` or `materialize` runs without importing typer (cli_fast.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def main() -> None:
 
         print(f"imgstore {__version__}")
         return
-    from .server import forward
+    from .client import forward
 
     code = forward(sys.argv)
     if code is not None:

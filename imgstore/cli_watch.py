@@ -184,9 +184,9 @@ def serve(
     Example: imgstore serve ; IMGSTORE_SOCKET=/tmp/imgstore.sock imgstore serve
     """
     from .cli_run import run
+    from .client import socket_path as default_path
     from .errors import UsageError
     from .server import serve as serve_forever
-    from .server import socket_path as default_path
 
     path = socket_path or default_path()
     if not path:

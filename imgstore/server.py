@@ -1,7 +1,7 @@
 """The command server: `imgstore serve` keeps Python and imgstore's modules loaded, so a command starts in
 milliseconds instead of a tenth of a second (docs/commands-watch.md).
 
-Both sides live here; the client side (`forward`) imports nothing heavy, it runs before every command.
+The client side (`forward`) is client.py: it runs before every command and imports nothing heavy.
 
 The client connects to a Unix socket and sends its argv, working directory, environment and umask, with its
 stdin, stdout and stderr as file descriptors (SCM_RIGHTS). The server forks a worker per command; the
@@ -29,24 +29,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-PROTOCOL = 1
-_LEN = struct.Struct("<I")
-_REPLY = struct.Struct("<ci")  # b"P" worker pid, b"X" exit code, b"R" refused (run it yourself)
+from .client import LEN, PROTOCOL, REPLY
+
 _MAX_REQUEST = 1 << 24
 RECEIVE_TIMEOUT = 30  # seconds a worker waits for its client's request
-SKIP = ("serve",)  # commands that must run in the client's own process
-
-
-def socket_path() -> str | None:
-    """Where `imgstore serve` listens and the CLI looks: $IMGSTORE_SOCKET (empty: never use a server), else
-    /run/imgstore.sock for root, else $XDG_RUNTIME_DIR/imgstore.sock, else nowhere."""
-    given = os.environ.get("IMGSTORE_SOCKET")
-    if given is not None:
-        return given or None
-    if os.geteuid() == 0:
-        return "/run/imgstore.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "imgstore.sock") if runtime else None
 
 
 def _identity() -> tuple[Any, ...]:
@@ -56,86 +42,6 @@ def _identity() -> tuple[Any, ...]:
     files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(here)
                    if e.name.endswith(".py"))
     return (PROTOCOL, sys.executable, sys.version, here, tuple(files))
-
-
-# The client side ---------------------------------------------------------------------------------------
-
-
-def forward(argv: list[str]) -> int | None:
-    """Run the command in the server, if one answers; its exit code, or None to run it here."""
-    path = socket_path()
-    if not path or any(word in SKIP for word in argv[1:]):
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-        request = marshal.dumps((PROTOCOL, os.path.dirname(os.path.abspath(__file__)), argv, os.getcwd(),
-                                 dict(os.environb), _umask(), _encodings()))
-        sock.sendmsg([_LEN.pack(len(request)), request],
-                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))])
-    except OSError:
-        sock.close()
-        return None  # no server, a stale socket, not ours, or a standard stream closed: run it here
-    return _wait(sock)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _encodings() -> tuple[tuple[str, str], ...]:
-    return tuple((f.encoding, f.errors or "strict") if f is not None else ("utf-8", "strict")
-                 for f in (sys.stdin, sys.stdout, sys.stderr))
-
-
-def _wait(sock: socket.socket) -> int | None:
-    worker = 0
-
-    def relay(signum: int, _frame: object) -> None:
-        if worker:
-            os.kill(worker, signum)
-
-    def suspend(_signum: int, _frame: object) -> None:  # Ctrl-Z: the worker stops with its client
-        if worker:
-            os.kill(worker, signal.SIGSTOP)
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-    def resume(_signum: int, _frame: object) -> None:  # fg, bg
-        if worker:
-            os.kill(worker, signal.SIGCONT)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, relay)
-    signal.signal(signal.SIGTSTP, suspend)
-    signal.signal(signal.SIGCONT, resume)
-    buf = b""
-    while True:
-        try:
-            chunk = sock.recv(64)
-        except InterruptedError:
-            continue
-        except OSError:
-            chunk = b""
-        if not chunk:
-            if not worker:
-                return None  # refused before starting anything (another user's server): run it here
-            print("imgstore: error: the imgstore server's worker running this command was killed; check the "
-                  "server's log, then `imgstore status` (run the command again without the server: "
-                  "IMGSTORE_SOCKET= imgstore ...)", file=sys.stderr)
-            return 1
-        buf += chunk
-        while len(buf) >= _REPLY.size:
-            kind, value = _REPLY.unpack_from(buf)
-            assert isinstance(value, int)
-            buf = buf[_REPLY.size:]
-            if kind == b"R":
-                return None
-            if kind == b"P":
-                worker = value
-            elif kind == b"X":
-                return value
 
 
 # The server side ---------------------------------------------------------------------------------------
@@ -181,7 +87,7 @@ def serve(path: str, run: Callable[[], None], on_notice: Callable[[str], None]) 
                 if not _same_user(conn):
                     continue  # close without a word: the client runs the command itself
                 if _identity() != identity:
-                    conn.sendall(_REPLY.pack(b"R", 0))
+                    conn.sendall(REPLY.pack(b"R", 0))
                     on_notice("imgstore's code changed on disk since this server started: stopping (restart it "
                               "to serve the new code; commands meanwhile run without the server)")
                     break
@@ -253,7 +159,7 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
         conn.settimeout(None)
         protocol, package, argv, cwd, env, umask, encodings = marshal.loads(request)
         if protocol != PROTOCOL or len(fds) != 3 or package != os.path.dirname(os.path.abspath(__file__)):
-            conn.sendall(_REPLY.pack(b"R", 0))  # another installation's client: it runs the command itself
+            conn.sendall(REPLY.pack(b"R", 0))  # another installation's client: it runs the command itself
             os._exit(0)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -264,7 +170,7 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
         os.environb.update(env)
         os.umask(umask)
         sys.argv = argv
-        conn.sendall(_REPLY.pack(b"P", os.getpid()))
+        conn.sendall(REPLY.pack(b"P", os.getpid()))
         _watch_client(conn)
         try:
             run()
@@ -279,7 +185,7 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
                 f.flush()
             except (OSError, ValueError):  # a reader gone, a stream closed
                 pass
-        conn.sendall(_REPLY.pack(b"X", code))
+        conn.sendall(REPLY.pack(b"X", code))
     except BaseException:  # noqa: BLE001  nothing may escape into the copy of the server's loop
         pass
     os._exit(code)
@@ -288,7 +194,7 @@ def _worker(conn: socket.socket, run: Callable[[], None]) -> None:
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     fds: list[int] = []
     data = b""
-    while len(data) < _LEN.size or len(data) < _LEN.size + _LEN.unpack_from(data)[0]:
+    while len(data) < LEN.size or len(data) < LEN.size + LEN.unpack_from(data)[0]:
         chunk, ancdata, _flags, _addr = conn.recvmsg(1 << 16, socket.CMSG_SPACE(3 * 4))
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -296,7 +202,7 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
         if not chunk or len(data) > _MAX_REQUEST:
             os._exit(1)  # the client went away (or a probe connected to see whether we run)
         data += chunk
-    return data[_LEN.size:], fds
+    return data[LEN.size:], fds
 
 
 def _reopen_streams(encodings: tuple[tuple[str, str], ...]) -> None:

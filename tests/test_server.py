@@ -204,7 +204,7 @@ def test_another_users_client_runs_its_command_itself(server: Server) -> None:
             folder.chmod(folder.stat().st_mode | 0o005)
         # The client side alone (nobody cannot read this machine's site-packages to run a whole command).
         res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
-                              "-c", "import sys; from imgstore.server import forward; print(forward(sys.argv))",
+                              "-c", "import sys; from imgstore.client import forward; print(forward(sys.argv))",
                               "generations"], env={**server.env, "PYTHONPATH": tmp},
                              capture_output=True, text=True, cwd=tmp, timeout=60)
     assert (res.returncode, res.stdout) == (0, "None\n"), res.stderr  # None: run it in your own process
