@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .durable import no_space, open_dir
 from .errors import Conflict, IntegrityError, UsageError
@@ -23,8 +23,7 @@ ZERO_BLOCK = 4096
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
-class CheckoutResult:
+class CheckoutResult(NamedTuple):
     entries: int
     files: int
     bytes: int

@@ -242,7 +242,7 @@ def checkout(
     with progress_bar("checkout") as bar:
         res = browse.checkout(store, g, dest, bar)
     if json_out:
-        emit_json({"generation": g.ref, "dest": dest, **res.__dict__})
+        emit_json({"generation": g.ref, "dest": dest, **res._asdict()})
     else:
         print(f"checked out {g.ref} into {dest}: {res.entries:,} entries, {human_bytes(res.bytes)} "
               f"in {time.monotonic() - t0:.2f} s")

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,21 +44,26 @@ WINDOW = 8  # batches in flight between the walk and the writer
 OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
 
 
-@dataclass
 class CommitResult:
-    generation: Generation
-    created: bool
-    entries: int = 0
-    files: int = 0
-    bytes: int = 0
-    read_files: int = 0
-    read_bytes: int = 0
-    new_objects: int = 0
-    new_bytes: int = 0
-    skipped_mounts: list[str] = field(default_factory=list)
-    skipped_sockets: list[str] = field(default_factory=list)
-    excluded: int = 0
-    seconds: float = 0.0
+    """What a commit made, read and stored."""
+
+    def __init__(self, generation: Generation, created: bool, entries: int = 0, files: int = 0, bytes: int = 0,
+                 read_files: int = 0, read_bytes: int = 0, new_objects: int = 0, new_bytes: int = 0,
+                 skipped_mounts: list[str] | None = None, skipped_sockets: list[str] | None = None,
+                 excluded: int = 0, seconds: float = 0.0) -> None:
+        self.generation = generation
+        self.created = created
+        self.entries = entries
+        self.files = files
+        self.bytes = bytes
+        self.read_files = read_files
+        self.read_bytes = read_bytes
+        self.new_objects = new_objects
+        self.new_bytes = new_bytes
+        self.skipped_mounts = skipped_mounts if skipped_mounts is not None else []
+        self.skipped_sockets = skipped_sockets if skipped_sockets is not None else []
+        self.excluded = excluded
+        self.seconds = seconds
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

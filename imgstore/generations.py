@@ -9,8 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .db import Connection, Row, where
 from .errors import NotFound, UsageError
@@ -19,8 +18,9 @@ from .manifest import escape
 GEN_HEADER = "imgstore-generation 1\n"
 
 
-@dataclass(frozen=True)
-class Generation:
+class Generation(NamedTuple):
+    """A generation's database row."""
+
     pk: int
     profile: str
     number: int
@@ -39,7 +39,7 @@ class Generation:
     files: int
     size: int
     new_bytes: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any]
     deleted: float | None = None
 
     @property
@@ -51,7 +51,7 @@ class Generation:
         return self.gen_id[:12]
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = self._asdict()
         d.pop("pk")
         d["ref"] = self.ref
         return d

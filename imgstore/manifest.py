@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from .errors import IntegrityError
 
@@ -37,20 +36,39 @@ def unescape(text: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), text)
 
 
-@dataclass(slots=True)
 class Entry:
-    path: bytes  # relative to the tree root, b"." for the root itself
-    type: str
-    mode: int  # permission bits incl. setuid/setgid/sticky (07777)
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int = 0
-    digest: str = ""  # BLAKE3 hex of the content, files only
-    target: bytes = b""  # symlink target (verbatim) or first path of a hardlink
-    rdev: tuple[int, int] = (0, 0)
-    xattrs: tuple[tuple[bytes, bytes], ...] = field(default_factory=tuple)
-    sparse: bool = False
+    """One line of a manifest. The records every command imports are plain classes and NamedTuples, not
+    dataclasses: importing dataclasses (with inspect) and generating their methods cost each command
+    about 0.01 s (docs/benchmarks.md)."""
+
+    __slots__ = ("path", "type", "mode", "uid", "gid", "mtime_ns", "size", "digest", "target", "rdev", "xattrs",
+                 "sparse")
+
+    def __init__(self, path: bytes, type: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0,
+                 digest: str = "", target: bytes = b"", rdev: tuple[int, int] = (0, 0),
+                 xattrs: tuple[tuple[bytes, bytes], ...] = (), sparse: bool = False) -> None:
+        self.path = path  # relative to the tree root, b"." for the root itself
+        self.type = type
+        self.mode = mode  # permission bits incl. setuid/setgid/sticky (07777)
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.size = size
+        self.digest = digest  # BLAKE3 hex of the content, files only
+        self.target = target  # symlink target (verbatim) or first path of a hardlink
+        self.rdev = rdev
+        self.xattrs = xattrs
+        self.sparse = sparse
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in Entry.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return "Entry(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in Entry.__slots__) + ")"
 
     def meta_key(self) -> tuple[object, ...]:
         return (self.type, self.mode, self.uid, self.gid, self.xattrs, self.target, self.rdev)

@@ -19,9 +19,8 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import blake3
 import zstandard
@@ -110,8 +109,9 @@ class Block:
         self.objs, self.used = [], 0
 
 
-@dataclass(frozen=True, slots=True)
-class PackSlot:
+class PackSlot(NamedTuple):
+    """Where a packed object is."""
+
     pack: str
     offset: int  # of the block
     clen: int  # the block's compressed length

@@ -9,9 +9,8 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError, NotFound
 from .scan import DEFAULT_EXCLUDES
@@ -49,8 +48,9 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(NamedTuple):
+    """A profile as profiles/NAME.toml sets it (docs/profiles.md)."""
+
     name: str
     path: Path
     description: str
@@ -71,7 +71,7 @@ class Profile:
     def as_dict(self) -> dict[str, Any]:
         return {
             k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in self.__dict__.items()
+            for k, v in self._asdict().items()
         }
 
 

@@ -13,7 +13,6 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 from .durable import LONG_PATH, short_path
 from .errors import NotFound, UsageError
@@ -67,25 +66,29 @@ Walked = tuple[bytes, bytes, os.stat_result, bytes | None]
 """What the walk yields: path, absolute path, lstat, and for a later path of a hardlinked file the first path."""
 
 
-@dataclass(slots=True)
 class Found:
     """An entry plus what commit needs to read it and to record it in the stat cache."""
 
-    entry: Entry
-    abspath: bytes
-    st: os.stat_result
-    root: bytes = b""
+    __slots__ = ("entry", "abspath", "st", "root")
+
+    def __init__(self, entry: Entry, abspath: bytes, st: os.stat_result, root: bytes = b"") -> None:
+        self.entry = entry
+        self.abspath = abspath
+        self.st = st
+        self.root = root
 
     def path(self) -> AbstractContextManager[bytes]:
         """A usable path even past PATH_MAX (see durable.short_path)."""
         return short_path(self.abspath, self.root, self.entry.path)
 
 
-@dataclass
 class ScanReport:
-    skipped_mounts: list[str]
-    skipped_sockets: list[str]
-    excluded: int = 0
+    """What a walk left out."""
+
+    def __init__(self, skipped_mounts: list[str], skipped_sockets: list[str], excluded: int = 0) -> None:
+        self.skipped_mounts = skipped_mounts
+        self.skipped_sockets = skipped_sockets
+        self.excluded = excluded
 
 
 def read_xattrs(path: bytes, follow: bool = False) -> tuple[tuple[bytes, bytes], ...]:
