@@ -120,18 +120,19 @@ def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: P
 
         return counted(), report
 
-    read_at: list[int] = []
-    real_read = commit._Reader.read
+    sent_at: list[int] = []  # how far the walk was when a batch went to the reading threads
+    real_submit = commit._Pool.submit
 
-    def spy(self: commit._Reader, found: commit.Found, *args: Any) -> tuple[str, int, int]:
-        read_at.append(walked[0])
-        return real_read(self, found, *args)
+    def spy(self: commit._Pool, fn: Any, batch: list[commit.Found]) -> Any:
+        sent_at.append(walked[0])
+        return real_submit(self, fn, batch)
 
     monkeypatch.setattr(commit, "walk", counting_walk)
-    monkeypatch.setattr(commit._Reader, "read", spy)
+    monkeypatch.setattr(commit._Pool, "submit", spy)
     second = commit.commit(store, tree, "t", "two", no_kernel=True)
-    assert second.created and second.read_files == 1 and len(read_at) == 1
-    assert read_at[0] < 20 < second.entries  # read while the walk was near it, not after all 304 entries
+    assert second.created and second.read_files == 1 and len(sent_at) == 1
+    # Sent once 8 entries waited behind it, not after all 304 (when a thread reads it is the scheduler's).
+    assert sent_at[0] < 20 < second.entries
     assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0
 
 
