@@ -40,9 +40,8 @@ def leave(code: object) -> None:
         code = 1
     from .cli_common import state
 
-    store = state.store
-    if store is not None and "engine" in vars(store) and not store.database_url.startswith("sqlite"):
-        store.engine.dispose()
+    if state.store is not None and not state.store.database_url.startswith("sqlite"):
+        state.store.close()  # SQLite needs nothing: closing would only checkpoint its WAL
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

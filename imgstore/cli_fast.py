@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .cli_common import emit_json, human_bytes, open_store, progress_bar, report_skipped
+from .cli_common import emit_json, human_bytes, open_store, progress_bar, report_skipped, state
 
 
 def commit(chroot: Path | None = None, profile: str = "web", message: str = "", kernel: Path | None = None,
@@ -155,7 +155,6 @@ def run(args: list[str]) -> None:
     parsed = parse(args)
     if parsed is None:
         return
-    from .cli_common import state
     from .cli_run import execute
 
     state.root = parsed.root

@@ -77,11 +77,10 @@ def execute(call: Callable[[], Any]) -> None:
             where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
             code, message = 1, f"{exc.strerror or exc}{where} (re-run with IMGSTORE_DEBUG=1 for a traceback)"
     except Exception as exc:  # noqa: BLE001
-        full = _database_full(exc)
         # Typer may bundle its own copy of click, so match click's exceptions by shape, not by class.
         if type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
             code = getattr(exc, "exit_code")  # noqa: B009  typer.Exit(n) from a command
-        elif full is not None:
+        elif (full := _database_full(exc)) is not None:
             code, message = full.exit_code, str(full)
         elif type(exc).__name__ == "Abort":
             code, message = 130, "aborted"
