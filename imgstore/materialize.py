@@ -16,19 +16,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import blake3
 
 from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
-from .durable import TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
+from .durable import DIR_FLAGS, TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
 from .generations import Generation
 from .manifest import FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
+T = TypeVar("T")
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
@@ -148,14 +151,48 @@ def _plan_mat(store: Store, es: list[Entry]) -> tuple[dict[int, str], dict[str, 
 
 
 def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
-    """Make the missing shared copies. (Two worker threads made no difference here: creating files is bound
-    by the filesystem.)"""
-    base = os.fspath(store.root / MAT)  # made by materialize() already
-    if todo:
-        for sub in {key[:2] for key in todo}:
-            _real_dir(store.root / MAT / sub)
+    """Make the missing shared copies, in two threads: creating a file is mostly kernel time (ext4 here: about
+    as much as ostree's copy checkout spends), which two threads spend in parallel, and decompressing and
+    hashing release the GIL. Files that come from the same block go to the same thread, whose cache holds
+    the decompressed block."""
+    if not todo:
+        return
+    base = store.root / MAT  # made by materialize() already
+    for sub in {key[:2] for key in todo}:
+        _real_dir(base / sub)
+    index = store.objects.index
+    groups: dict[object, list[tuple[Entry, str]]] = {}
     for key, (e, path) in todo.items():
-        _make_mat(store, e, path, f"{base}/{TMP_PREFIX}{key}")
+        slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
+        groups.setdefault(key if slot is None else (slot.pack, slot.offset), []).append((e, path))
+    dfd = os.open(base, DIR_FLAGS)
+    try:
+        def make(group: list[tuple[Entry, str]]) -> None:
+            for e, path in group:
+                _make_mat(store, e, dfd, path)
+
+        _parallel(make, list(groups.values()))
+    finally:
+        os.close(dfd)
+
+
+def _parallel(fn: Callable[[T], object], items: list[T], threads: int = 2) -> None:
+    """fn(item) for every item, in `threads` threads; the first error is raised once the running calls
+    have returned, and the calls not started by then are dropped."""
+    if len(items) < 2:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor  # only here: a materialized generation needs none
+
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _listing(folder: str) -> tuple[set[str], set[str]]:
@@ -183,36 +220,76 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
         os.unlink(path)  # a symlink planted in mat/ is never linked into a tree
     _real_dir(path.parent.parent)
     _real_dir(path.parent)
-    _make_mat(store, e, os.fspath(path), os.fspath(path.parent.parent / f"{TMP_PREFIX}{path.name}"))
+    dfd = os.open(path.parent.parent, DIR_FLAGS)
+    try:
+        _make_mat(store, e, dfd, os.fspath(path))
+    finally:
+        os.close(dfd)
     dirty.add(path.parent)
     return path
 
 
-def _make_mat(store: Store, e: Entry, path: str, tmp: str) -> None:
-    """Write the copy under a temp name in mat/ itself (not in its 256 subfolders: finding a killed
-    command's leftovers is then one listing, which every commit does), then rename it into place."""
+def _make_mat(store: Store, e: Entry, mat_fd: int, path: str) -> None:
+    """Make one shared copy at `path` (in mat/, whose descriptor is `mat_fd`). A file is written as an
+    unnamed inode (O_TMPFILE) in its subfolder and linked in once complete: a killed command leaves
+    nothing behind. Where the filesystem has no O_TMPFILE, and for symlinks, the copy is made under a temp
+    name in mat/ itself (not in its 256 subfolders: finding a killed command's leftovers is then one listing,
+    which every commit does) and renamed into place."""
+    folder, name = os.path.split(path)
+    tmp = f"{os.path.dirname(folder)}/{TMP_PREFIX}{name}"
     if e.type == SYMLINK:
         _make_mat_symlink(e, path, tmp)
         return
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o600)
-    except FileExistsError:  # left by a killed command
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o600)
+    own = os.geteuid() == 0
+    fd, named = _create(folder, tmp)
     try:
         try:
             _write_content(store.objects, fd, e)
-            _apply_fd(fd, e, own=os.geteuid() == 0)
+            _apply_fd(fd, e, own)
+            faults.point("materialize.before-mat-link")
+            if not named:
+                _link_fd(fd, mat_fd, f"{name[:2]}/{name}")
         finally:
             os.close(fd)
     except BaseException as exc:
-        os.unlink(tmp)
+        if named:
+            os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise no_space(os.path.dirname(path), exc, e.size) from exc
+            raise no_space(folder, exc, e.size) from exc
         raise
-    faults.point("materialize.before-mat-rename")
-    os.rename(tmp, path)
+    if named:
+        os.rename(tmp, path)
+
+
+_tmpfile = [True]  # whether this filesystem takes O_TMPFILE; learned on the first try
+
+
+def _create(folder: str, tmp: str) -> tuple[int, bool]:
+    """A new file to write a copy into: (fd, False) for an unnamed one in `folder`, (fd, True) for `tmp`."""
+    if _tmpfile[0]:
+        try:
+            return os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600), False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _tmpfile[0] = False
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o600), True
+    except FileExistsError:  # left by a killed command
+        os.unlink(tmp)
+        return os.open(tmp, flags, 0o600), True
+
+
+def _link_fd(fd: int, dir_fd: int, name: str) -> None:
+    """Give the unnamed file `fd` its name (linkat through /proc, which needs no privilege). A dir_fd makes
+    os.link call linkat() with AT_SYMLINK_FOLLOW rather than link(), which would not follow the magic link."""
+    src = f"/proc/self/fd/{fd}"
+    try:
+        os.link(src, name, dst_dir_fd=dir_fd)
+    except FileExistsError:  # something not ours at the key (a planted symlink): the copy replaces it
+        os.unlink(name, dir_fd=dir_fd)
+        os.link(src, name, dst_dir_fd=dir_fd)
 
 
 def _make_mat_symlink(e: Entry, path: str, tmp: str) -> None:
@@ -230,5 +307,5 @@ def _make_mat_symlink(e: Entry, path: str, tmp: str) -> None:
         raise
     finally:
         os.close(dfd)
-    faults.point("materialize.before-mat-rename")
+    faults.point("materialize.before-mat-link")
     os.rename(tmp, path)

@@ -399,7 +399,10 @@ class ObjectStore:
     def _fd(self, pack: str) -> int:
         fd = self._fds.get(pack)
         if fd is None:
-            fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            with self._lock:  # two reading threads must not both open it (one descriptor would leak)
+                fd = self._fds.get(pack)
+                if fd is None:
+                    fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
         return fd
 
     def close(self) -> None:

@@ -74,10 +74,10 @@ nfs_options = "ro,actimeo=120"
 # The fault points each command passes, in order (imgstore/faults.py; IMGSTORE_FAULT=<point>:kill).
 FAULT_POINTS: dict[str, list[str]] = {
     "commit": ["commit.before-flush", "commit.after-manifest", "commit.before-row", "commit.after-row"],
-    "materialize": ["materialize.before-mat-rename", "materialize.before-sync"],
-    "rollout": ["materialize.before-mat-rename", "materialize.before-sync", "rollout.before-row",
+    "materialize": ["materialize.before-mat-link", "materialize.before-sync"],
+    "rollout": ["materialize.before-mat-link", "materialize.before-sync", "rollout.before-row",
                 "deploy.before-switch", "apply.before-rename", "apply.before-link"],
-    "rollback": ["materialize.before-mat-rename", "materialize.before-sync", "rollback.before-row",
+    "rollback": ["materialize.before-mat-link", "materialize.before-sync", "rollback.before-row",
                  "deploy.before-switch", "apply.before-rename", "apply.before-link"],
     "gc": ["gc.after-trees", "gc.after-rows", "gc.before-pack-delete", "gc.before-mat-sweep"],
 }

@@ -475,3 +475,53 @@ def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_p
     remaining = {os.readlink(p) for p in (fleet / "mat").rglob("*") if p.is_symlink()}
     assert remaining == {"../share/big"}
     assert os.path.isdir("/usr/bin") and t6.is_dir()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temps"])
+def test_materialize_copies_from_many_blocks_in_threads_exact(tmp_path: Path, cli: Cli, unnamed: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared copies are made by two threads, block by block, as unnamed files linked in when complete
+    (O_TMPFILE) or, where a filesystem has none, under temp names renamed into place: either way the tree
+    equals a checkout, every copy is linked into it, and nothing temporary is left in mat/."""
+    from treeutil import diff_snapshots, snapshot
+
+    from imgstore import generations
+    from imgstore import materialize as mat
+    from imgstore.locking import store_lock
+    from imgstore.store import Store
+
+    tree = tmp_path / "chroot"
+    for d in range(12):
+        (tree / f"usr/lib/d{d}").mkdir(parents=True)
+        for f in range(60):  # about 3 MB of small files: several blocks, several packs' worth of reads
+            p = tree / f"usr/lib/d{d}/f{f}"
+            p.write_bytes(os.urandom(1000 + 97 * f) + b"%d %d" % (d, f))
+            os.chmod(p, 0o4755 if f == 7 else 0o640 if f % 3 else 0o644)
+            os.utime(p, ns=(f * 10**9 + 5, f * 10**9 + 5))
+            if f % 11 == 0:
+                os.setxattr(p, "user.note", b"%d" % f)
+    (tree / "usr/lib/big").write_bytes(os.urandom(3 << 20))  # a loose object
+    os.link(tree / "usr/lib/d0/f1", tree / "usr/lib/hardlink")
+    os.symlink("d1/f2", tree / "usr/lib/link")
+    (tree / "empty").write_bytes(b"")
+    assert cli("init").returncode == 0
+    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
+    r = cli("commit", tree, "-p", "web", "--no-kernel", "-m", "many")
+    assert r.returncode == 0, r.stderr
+
+    root = tmp_path / "store"
+    monkeypatch.setattr(mat, "_tmpfile", [unnamed])
+    store = Store.open(root)
+    with store.engine.connect() as conn:
+        gen = generations.resolve(conn, "web@latest")
+    with store_lock(root, "materialize"):
+        path, created = mat.materialize(store, gen)
+    assert created and mat._tmpfile == [unnamed]
+    assert cli("checkout", "web@latest", tmp_path / "co").returncode == 0
+    strip = lambda s: {k: {a: b for a, b in v.items() if a != "link_group"} for k, v in s.items()}  # noqa: E731
+    assert diff_snapshots(strip(snapshot(tmp_path / "co")), strip(snapshot(path))) == []
+    copies = [p for p in (root / "mat").rglob("*") if not p.is_dir()]
+    assert len(copies) == 12 * 60 + 3  # the small files (the hardlink is one of them), big, empty, the symlink
+    assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []  # no temp names left
+    assert all(p.lstat().st_nlink >= 2 for p in copies)
+    assert cli("verify").returncode == 0
