@@ -22,7 +22,7 @@ from .errors import IntegrityError, NoSpace
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE
-from .materialize import MAT, _rmtree, discard_stale, tree_path
+from .materialize import _rmtree, discard_stale, sweep_mat, tree_path
 from .objects import read_pack_index
 from .store import RESERVE, RESERVE_SIZE, Store, make_reserve
 
@@ -168,15 +168,7 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         _sweep_objects(store, need, res)
         faults.point("gc.before-mat-sweep")
         # 4. Shared copies no tree or TFTP file links to any more.
-        mat = store.root / MAT
-        for dirpath, dirs, files in os.walk(mat):
-            # A shared symlink to a directory is listed among the folders (walk follows it to classify it).
-            for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-                path = os.path.join(dirpath, f)
-                st = os.lstat(path)
-                if st.st_nlink == 1:
-                    os.unlink(path)
-                    res.bytes_freed += st.st_blocks * 512
+        res.bytes_freed += sweep_mat(store)[1]
         make_reserve(store.root)
     return res
 

@@ -13,6 +13,7 @@ temp tree left by a crash (or by an earlier boot of the server) is discarded, ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -31,6 +32,9 @@ from .manifest import FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
+# In mat/ while a materialize makes copies: they are named before syncfs makes their data durable, so after a
+# power cut a copy can exist with its data lost. Until the tree is renamed into place nothing links them.
+UNSYNCED = f"{TMP_PREFIX}unsynced"
 T = TypeVar("T")
 
 
@@ -66,10 +70,33 @@ def discard_stale(store: Store) -> list[str]:
         n = remove_stale_temps(store.root / folder)
         if n:
             gone.append(f"{folder}/ ({n} temp files)")
+    if os.path.lexists(store.root / MAT / UNSYNCED):
+        # A materialize stopped before its syncfs: the copies no tree links (the ones it made among them) go.
+        n = sweep_mat(store)[0]
+        gone.append(f"{MAT}/ ({n} copies made before a crash)")
     n = remove_stale_temps(store.root / MAT)
     if n:
         gone.append(f"{MAT}/ ({n} temp files)")
     return gone
+
+
+def sweep_mat(store: Store) -> tuple[int, int]:
+    """Remove the shared copies no tree or TFTP file links to (one link left), then the UNSYNCED marker;
+    return (copies, bytes) removed. The store lock must be held."""
+    mat = store.root / MAT
+    n = freed = 0
+    for dirpath, dirs, files in os.walk(mat):
+        # A shared symlink to a directory is listed among the folders (walk follows it to classify it).
+        for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, f)
+            st = os.lstat(path)
+            if st.st_nlink == 1 and f != UNSYNCED:
+                os.unlink(path)
+                n += 1
+                freed += st.st_blocks * 512
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(mat / UNSYNCED)  # last: a sweep killed half-way is done again
+    return n, freed
 
 
 def _rmtree(p: Path) -> None:
@@ -93,12 +120,16 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
         _rmtree(staging)
     os.mkdir(staging, 0o700)
     try:
+        if todo:
+            _mark_unsynced(store.root / MAT)
         _fill_mat(store, todo)
         restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
         faults.point("materialize.before-sync")
         syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
         os.rename(staging, final)
         fsync_dir(store.root)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store.root / MAT / UNSYNCED)  # lost in a crash: the next command sweeps for nothing
     except BaseException as exc:
         _rmtree(staging)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -106,6 +137,12 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
             raise no_space(store.root, exc, missing) from exc
         raise
     return final, True
+
+
+def _mark_unsynced(mat: Path) -> None:
+    with open(os.open(mat / UNSYNCED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb"):
+        pass
+    fsync_dir(mat)  # durable before the first copy is named
 
 
 def _is_real_dir(p: Path) -> bool:

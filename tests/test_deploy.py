@@ -525,3 +525,33 @@ def test_materialize_copies_from_many_blocks_in_threads_exact(tmp_path: Path, cl
     assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []  # no temp names left
     assert all(p.lstat().st_nlink >= 2 for p in copies)
     assert cli("verify").returncode == 0
+
+
+def test_copies_of_a_materialize_cut_before_its_sync_are_not_trusted(fleet: Path, cli: Cli) -> None:
+    """A power cut during materialize can keep a copy's name in mat/ and lose its data (copies are named before
+    the syncfs that makes them durable). The marker written before the first copy makes the next command
+    sweep every copy no tree links; copies of finished trees stay."""
+    from imgstore import browse, generations
+    from imgstore import materialize as mat
+    from imgstore.store import Store
+
+    assert cli("materialize", "web@1").returncode == 0
+    store = Store.open(fleet)
+    with store.engine.connect() as conn:
+        gen = generations.resolve(conn, "web@2")
+    motd = next(e for e in browse.entries(store, gen) if e.path == b"etc/motd")
+    copy = mat.mat_path(store, mat.mat_key(motd))
+    assert not copy.exists()
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(b"")  # the name survived, the data did not
+    (fleet / mat.MAT / mat.UNSYNCED).write_bytes(b"")
+    big = fleet / f"{_gen(cli, 'web@1')['gen_id']}-web-rootfs" / "usr/share/big"
+    inode = big.stat().st_ino
+
+    r = cli("materialize", "web@2")
+    assert r.returncode == 0, r.stderr
+    tree = fleet / f"{_gen(cli, 'web@2')['gen_id']}-web-rootfs"
+    assert (tree / "etc/motd").read_text() == "two\n"
+    assert (tree / "usr/share/big").stat().st_ino == inode  # web@1's tree and its copies were kept
+    assert not (fleet / mat.MAT / mat.UNSYNCED).exists()
+    assert cli("verify").returncode == 0
