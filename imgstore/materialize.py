@@ -259,19 +259,20 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
     _real_dir(path.parent)
     dfd = os.open(path.parent.parent, DIR_FLAGS)
     try:
-        _make_mat(store, e, dfd, os.fspath(path))
+        _make_mat(store, e, dfd, os.fspath(path), sync=True)  # no syncfs follows (boot files, repair)
     finally:
         os.close(dfd)
     dirty.add(path.parent)
     return path
 
 
-def _make_mat(store: Store, e: Entry, mat_fd: int, path: str) -> None:
+def _make_mat(store: Store, e: Entry, mat_fd: int, path: str, sync: bool = False) -> None:
     """Make one shared copy at `path` (in mat/, whose descriptor is `mat_fd`). A file is written as an
     unnamed inode (O_TMPFILE) in its subfolder and linked in once complete: a killed command leaves
     nothing behind. Where the filesystem has no O_TMPFILE, and for symlinks, the copy is made under a temp
     name in mat/ itself (not in its 256 subfolders: finding a killed command's leftovers is then one listing,
-    which every commit does) and renamed into place."""
+    which every commit does) and renamed into place. `sync`: the file's data is durable before it is named
+    (materialize() instead marks mat/ UNSYNCED and syncs the whole filesystem once at the end)."""
     folder, name = os.path.split(path)
     tmp = f"{os.path.dirname(folder)}/{TMP_PREFIX}{name}"
     if e.type == SYMLINK:
@@ -283,6 +284,8 @@ def _make_mat(store: Store, e: Entry, mat_fd: int, path: str) -> None:
         try:
             _write_content(store.objects, fd, e)
             _apply_fd(fd, e, own)
+            if sync:
+                os.fsync(fd)
             faults.point("materialize.before-mat-link")
             if not named:
                 _link_fd(fd, mat_fd, f"{name[:2]}/{name}")

@@ -4,7 +4,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not vm" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh debootstrap squashfs-tools acl attr rsync zstd postgresql libcap2-bin
+scripts/setup.sh debootstrap squashfs-tools acl attr rsync zstd postgresql libcap2-bin strace
 if [ "$(id -u)" = 0 ]; then
     .ci/install-pxe-deps.sh >/dev/null
     # PostgreSQL for the multi-server tests: the Debian cluster, started by us on loopback only.

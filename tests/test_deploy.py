@@ -555,3 +555,40 @@ def test_copies_of_a_materialize_cut_before_its_sync_are_not_trusted(fleet: Path
     assert (tree / "usr/share/big").stat().st_ino == inode  # web@1's tree and its copies were kept
     assert not (fleet / mat.MAT / mat.UNSYNCED).exists()
     assert cli("verify").returncode == 0
+
+
+def test_boot_file_copies_are_durable_before_they_are_named(tmp_path: Path, cli: Cli) -> None:
+    """A kernel given with --kernel is not in the tree, so rollout makes its shared copy alone, with no syncfs
+    after it: the copy's data is fsynced before it is linked under its name (strace shows the order)."""
+    import re
+    import shutil
+
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed: scripts/setup.sh installs it (apt-get install strace)")
+    assert cli("init").returncode == 0
+    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
+    tree = _chroot(tmp_path / "chroot", "one\n")
+    for p in (tree / "boot").iterdir():
+        p.unlink()
+    kernel = tmp_path / "vmlinuz-outside"
+    kernel.write_bytes(b"A KERNEL FROM ELSEWHERE" * 4000)
+    assert cli("commit", tree, "-p", "web", "--kernel", kernel).returncode == 0
+    assert cli("materialize", "web@1").returncode == 0  # the tree's copies: synced by its syncfs
+    log = tmp_path / "strace.log"
+    env = {**os.environ, "IMGSTORE_ROOT": os.fspath(tmp_path / "store")}
+    r = subprocess.run(["strace", "-f", "-e", "trace=openat,fsync,linkat", "-o", log, sys.executable, "-m", "imgstore",
+                        "rollout"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    made = synced = named = 0
+    pending: dict[str, str] = {}  # fd -> "open" or "synced", per unnamed copy
+    for line in log.read_text().splitlines():
+        if m := re.search(r"openat\(.*O_TMPFILE.*\) = (\d+)", line):
+            pending[m.group(1)] = "open"
+            made += 1
+        elif (m := re.search(r"fsync\((\d+)\)", line)) and m.group(1) in pending:
+            pending[m.group(1)] = "synced"
+            synced += 1
+        elif (m := re.search(r'linkat\(AT_FDCWD, "/proc/self/fd/(\d+)"', line)) and m.group(1) in pending:
+            assert pending.pop(m.group(1)) == "synced", line
+            named += 1
+    assert made == synced == named == 1  # the kernel's copy
