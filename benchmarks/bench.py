@@ -1003,8 +1003,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "the Markdown table goes beside it as .md)")
     parser.add_argument("--only", default=",".join(ALL_TOOLS),
                         help=f"comma-separated tools (default all: {','.join(ALL_TOOLS)})")
-    parser.add_argument("--settle", type=float, default=40.0,
-                        help="seconds to wait before each repetition (default 40)")
+    parser.add_argument("--settle", type=float, default=65.0,
+                        help="seconds to wait before each repetition (default 65: ext4 skips inodes freed in the "
+                             "last 60 s when it allocates new ones)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help="scratch directory, deleted before and after; 2-3 GB per repetition "
                              "(default <repo>/.cache/bench)")

@@ -128,10 +128,11 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
         syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
         os.rename(staging, final)
         fsync_dir(store.root)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store.root / MAT / UNSYNCED)  # lost in a crash: the next command sweeps for nothing
+        _unmark(store.root)
     except BaseException as exc:
         _rmtree(staging)
+        if todo:
+            _settle_copies(store.root)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             missing = sum(e.size for e in es if e.type == FILE and not _is_file(mat_path(store, mat_key(e))))
             raise no_space(store.root, exc, missing) from exc
@@ -143,6 +144,21 @@ def _mark_unsynced(mat: Path) -> None:
     with open(os.open(mat / UNSYNCED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb"):
         pass
     fsync_dir(mat)  # durable before the first copy is named
+
+
+def _unmark(root: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(root / MAT / UNSYNCED)  # lost in a crash: the next command sweeps for nothing
+
+
+def _settle_copies(root: Path) -> None:
+    """After a failure: the copies made so far are kept for the next try once they are durable; if even that
+    fails, the marker stays and the next command sweeps them."""
+    try:
+        syncfs(root)
+    except OSError:
+        return
+    _unmark(root)
 
 
 def _is_real_dir(p: Path) -> bool:
