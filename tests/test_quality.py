@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_mypy_strict() -> None:
-    if shutil.which("mypy") is None:
+    if importlib.util.find_spec("mypy") is None:  # run as `python -m mypy`: the venv's bin need not be on PATH
         pytest.fail("mypy is not installed: pip install -e '.[test]'")
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "imgstore"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:]
