@@ -9,6 +9,7 @@ runs in a worker forked from the server). Run as: python benchmarks/rollback.py 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, os.fspath(REPO))
+sys.path.append(os.fspath(REPO))  # after site-packages: an installed imgstore comes first
 
 PROFILE = """
 [commit]
@@ -97,7 +98,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/rollback.json")
     ap.add_argument("--from-checkout", action="store_true", help="run `python -m imgstore` from this checkout")
     args = ap.parse_args()
-    from benchmarks.bench import imgstore_argv, start_server
+    from benchmarks.bench import INSTALL_VENV, imgstore_argv, start_server
+
+    try:
+        importlib.import_module("imgstore.store")  # the stores are set up in process
+    except ModuleNotFoundError:  # an interpreter without imgstore's dependencies: go on in the bench venv's
+        imgstore_argv()  # installs this checkout there
+        venv_python = os.fspath(INSTALL_VENV / "bin" / "python")
+        os.execv(venv_python, [venv_python, os.fspath(Path(__file__).resolve()), *sys.argv[1:]])
 
     IMGSTORE[:] = imgstore_argv(args.from_checkout)
     work = Path(tempfile.mkdtemp(prefix="imgstore-rollback-bench-"))
