@@ -94,8 +94,7 @@ def sweep_mat(store: Store) -> tuple[int, int]:
                 os.unlink(path)
                 n += 1
                 freed += st.st_blocks * 512
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(mat / UNSYNCED)  # last: a sweep killed half-way is done again
+    _unmark(store.root)  # last: a sweep killed half-way is done again
     return n, freed
 
 
@@ -317,7 +316,9 @@ def _make_mat(store: Store, e: Entry, mat_fd: int, path: str, sync: bool = False
         os.rename(tmp, path)
 
 
-_tmpfile = [True]  # whether this filesystem takes O_TMPFILE; learned on the first try
+# Whether copies are made as O_TMPFILE files: naming one goes through /proc (a chroot may not have it), and
+# whether the filesystem takes O_TMPFILE is learned on the first try.
+_tmpfile = [os.path.isdir("/proc/self/fd")]
 
 
 def _create(folder: str, tmp: str) -> tuple[int, bool]:
