@@ -19,6 +19,9 @@ class ImgstoreError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[type[ImgstoreError], tuple[str, str | None]]:
+        return type(self), (self.message, self.hint)  # with its hint, from a forked worker (forkjoin)
+
 
 class UsageError(ImgstoreError):
     """The command line or an argument is wrong."""

@@ -25,6 +25,10 @@ PAUSE_POINTS = {
 }
 
 
+# A process that shares the command's work (forkjoin's child) dies with it at a `kill` point: set to the pid.
+kill_too: int | None = None
+
+
 class InjectedFault(RuntimeError):
     pass
 
@@ -37,6 +41,8 @@ def point(name: str) -> None:
     if target != name:
         return
     if how == "kill":
+        if kill_too is not None:
+            os.kill(kill_too, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if how == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -17,9 +17,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import blake3
 
@@ -27,6 +25,7 @@ from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
 from .durable import DIR_FLAGS, TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
+from .forkjoin import run_split
 from .generations import Generation
 from .manifest import FILE, SYMLINK, Entry
 from .store import Store
@@ -35,7 +34,7 @@ MAT = "mat"
 # In mat/ while a materialize makes copies: they are named before syncfs makes their data durable, so after a
 # power cut a copy can exist with its data lost. Until the tree is renamed into place nothing links them.
 UNSYNCED = f"{TMP_PREFIX}unsynced"
-T = TypeVar("T")
+COPY_COST = 16 << 10  # what making one copy costs, in bytes written (forkjoin.run_split weighs with it)
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
@@ -203,10 +202,9 @@ def _plan_mat(store: Store, es: list[Entry]) -> tuple[dict[int, str], dict[str, 
 
 
 def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
-    """Make the missing shared copies, in two threads: creating a file is mostly kernel time (ext4 here: about
-    as much as ostree's copy checkout spends), which two threads spend in parallel, and decompressing and
-    hashing release the GIL. Files that come from the same block go to the same thread, whose cache holds
-    the decompressed block."""
+    """Make the missing shared copies, in two processes (forkjoin): creating a file is mostly kernel time
+    (ext4 here: about as much as ostree's copy checkout spends), which two processes spend in parallel.
+    Files that come from the same block go to the same process, whose cache holds the decompressed block."""
     if not todo:
         return
     base = store.root / MAT  # made by materialize() already
@@ -223,28 +221,10 @@ def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
             for e, path in group:
                 _make_mat(store, e, dfd, path)
 
-        _parallel(make, list(groups.values()))
+        # A file costs about as much as 16 KiB of data (creating it, its metadata, linking it).
+        run_split(make, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
     finally:
         os.close(dfd)
-
-
-def _parallel(fn: Callable[[T], object], items: list[T], threads: int = 2) -> None:
-    """fn(item) for every item, in `threads` threads; the first error is raised once the running calls
-    have returned, and the calls not started by then are dropped."""
-    if len(items) < 2:
-        for item in items:
-            fn(item)
-        return
-    from concurrent.futures import ThreadPoolExecutor  # only here: a materialized generation needs none
-
-    pool = ThreadPoolExecutor(max_workers=threads)
-    try:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
-    except BaseException:
-        pool.shutdown(cancel_futures=True)
-        raise
-    pool.shutdown()
 
 
 def _listing(folder: str) -> tuple[set[str], set[str]]:

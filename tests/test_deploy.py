@@ -478,9 +478,9 @@ def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_p
 
 
 @pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temps"])
-def test_materialize_copies_from_many_blocks_in_threads_exact(tmp_path: Path, cli: Cli, unnamed: bool,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shared copies are made by two threads, block by block, as unnamed files linked in when complete
+def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Path, cli: Cli, unnamed: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared copies are made by two processes (forkjoin), block by block, as unnamed files linked in when complete
     (O_TMPFILE) or, where a filesystem has none, under temp names renamed into place: either way the tree
     equals a checkout, every copy is linked into it, and nothing temporary is left in mat/."""
     from treeutil import diff_snapshots, snapshot
