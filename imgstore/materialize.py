@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -121,7 +122,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
         if todo:
             _mark_unsynced(store.root / MAT)
         _fill_mat(store, todo)
-        restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
+        with _writing_back(store.root, bool(todo)):
+            restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
         faults.point("materialize.before-sync")
         syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
         os.rename(staging, final)
@@ -136,6 +138,29 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
             raise no_space(store.root, exc, missing) from exc
         raise
     return final, True
+
+
+@contextlib.contextmanager
+def _writing_back(root: Path, new_copies: bool) -> Iterator[None]:
+    """While the tree is made (one core, mostly mkdir and link), a thread waits on a first syncfs, which
+    writes the new copies' data out meanwhile: the syncfs after the tree then has mostly metadata left to
+    write (first materialize of the rootfs, 6 alternating pairs: 0.88 against 0.925 s median, 4 pairs to 2).
+    Its error, if any, is left for that second syncfs to raise."""
+    if not new_copies:
+        yield
+        return
+    import threading
+
+    def sync() -> None:
+        with contextlib.suppress(OSError):
+            syncfs(root)
+
+    t = threading.Thread(target=sync, name="imgstore-syncfs")
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()
 
 
 def _mark_unsynced(mat: Path) -> None:
