@@ -47,25 +47,36 @@ def run_split(fn: Callable[[T], object], items: Sequence[T], weight: Callable[[T
     mine, theirs = halves(items, weight)
     parent = os.getpid()
     r, w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no memory or processes left for a child: everything here
+        os.close(r)
+        os.close(w)
+        for item in items:
+            fn(item)
+        return
     if pid == 0:
         os.close(r)
         _child(fn, theirs, parent, w)
     os.close(w)
+    chunks = []
     try:
         for item in mine:
             fn(item)
+        while chunk := os.read(r, 1 << 16):  # the child's pickled exception, if any; EOF when it exits
+            chunks.append(chunk)
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # our own child, not reaped yet: the pid is still its
         raise
     finally:
-        report, status = _reap(pid, r)
-    if report:
-        raise pickle.loads(report)
+        os.close(r)
+        status = os.waitpid(pid, 0)[1]
+    if chunks:
+        raise pickle.loads(b"".join(chunks))
     if status != 0:
         how = f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else (
             f"exited with status {os.waitstatus_to_exitcode(status)}")
-        raise ImgstoreError(f"the second process making copies {how}", "run the command again")
+        raise ImgstoreError(f"the process forked to share this command's work {how}", "run the command again")
 
 
 def _child(fn: Callable[[T], object], items: list[T], parent: int, w: int) -> NoReturn:
@@ -92,15 +103,3 @@ def _child(fn: Callable[[T], object], items: list[T], parent: int, w: int) -> No
             pass
     finally:
         os._exit(code)
-
-
-def _reap(pid: int, r: int) -> tuple[bytes, int]:
-    """The child's report (its pickled exception, or nothing) and its wait status."""
-    chunks = []
-    try:
-        while chunk := os.read(r, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-        status = os.waitpid(pid, 0)[1]
-    return b"".join(chunks), status
