@@ -12,7 +12,6 @@ power cut would.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -36,11 +35,22 @@ def halves(items: Sequence[T], weight: Callable[[T], int]) -> tuple[list[T], lis
     return out
 
 
+class QuietThread(threading.Thread):
+    """A thread that takes no lock a forked child could need (it waits in a system call, e.g. `imgstore
+    serve`'s worker watching its client): run_split forks while it runs; the child does without it."""
+
+
+def _others_running() -> bool:
+    me = threading.current_thread()
+    return any(t is not me and not isinstance(t, QuietThread) for t in threading.enumerate())
+
+
 def run_split(fn: Callable[[T], object], items: Sequence[T], weight: Callable[[T], int]) -> None:
     """fn(item) for every item: about half of them (by weight) in a forked child, the rest here. The first
     error is raised once both are done; on an error here the child is killed. With other threads running
-    (a fork copies only the calling thread, and locks the others hold stay held), everything runs here."""
-    if len(items) < 2 or threading.active_count() > 1:
+    (a fork copies only the calling thread, and locks the others hold stay held), everything runs here,
+    unless they are QuietThreads."""
+    if len(items) < 2 or _others_running():
         for item in items:
             fn(item)
         return
@@ -72,6 +82,8 @@ def run_split(fn: Callable[[T], object], items: Sequence[T], weight: Callable[[T
         os.close(r)
         status = os.waitpid(pid, 0)[1]
     if chunks:
+        import pickle
+
         raise pickle.loads(b"".join(chunks))
     if status != 0:
         how = f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else (
@@ -92,6 +104,8 @@ def _child(fn: Callable[[T], object], items: list[T], parent: int, w: int) -> No
             fn(item)
         code = 0
     except BaseException as exc:
+        import pickle
+
         try:
             report = pickle.dumps(exc)
         except Exception:

@@ -219,7 +219,7 @@ def _reopen_streams(encodings: tuple[tuple[str, str], ...]) -> None:
 
 def _watch_client(conn: socket.socket) -> None:
     """If the client goes away (killed, its terminal closed), the command stops as on SIGTERM."""
-    import threading
+    from .forkjoin import QuietThread
 
     def wait() -> None:
         try:
@@ -229,4 +229,4 @@ def _watch_client(conn: socket.socket) -> None:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=wait, daemon=True).start()
+    QuietThread(target=wait, daemon=True).start()  # a materialize may fork beside it (forkjoin)

@@ -58,6 +58,20 @@ def test_with_other_threads_everything_runs_here(tmp_path: Path) -> None:
         t.join()
 
 
+def test_a_quiet_thread_does_not_stop_the_fork(tmp_path: Path) -> None:
+    """`imgstore serve`'s workers watch their client in a QuietThread: their materialize still forks."""
+    stop = threading.Event()
+    t = forkjoin.QuietThread(target=stop.wait)
+    t.start()
+    try:
+        log = tmp_path / "log"
+        forkjoin.run_split(lambda i: _log(log, f"{os.getpid()} {i}"), list(range(10)), weight=lambda i: 1)
+        assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_an_error_in_the_child_is_raised_here_with_its_hint() -> None:
     parent = os.getpid()
 
