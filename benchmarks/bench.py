@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -678,12 +678,15 @@ def prepare_trees(work: Path, cache: Path | None, want_nodev: bool, strip: bool)
 
 
 def run_tool(tool: Tool, ws: Workspace, rep: int, trees: Trees, results: Results,
-             check_fidelity: bool) -> None:
+             check_fidelity: bool) -> Iterator[None]:
+    """One tool's steps, one per next() after the first (which stops before the first step): run() takes
+    each step with every tool in turn, so the samples a ratio compares are seconds apart, not minutes."""
     base, curl = trees.for_tool(tool)
     env = {**os.environ, **tool.env(ws)}
     succeeded: set[str] = set()
     broken = False  # a commit failed: only the steps that need no generation still run
     for step in SEQUENCE:
+        yield
         if broken and step != "version":
             continue
         if step == "commit2":
@@ -793,19 +796,27 @@ def run(args: argparse.Namespace) -> Results:
         if args.quiet_wait > 0:
             results.meta.setdefault("quiet", []).append(wait_quiet(rep_dir / "probes", fastest, args.quiet_wait))
         log(f"repetition {rep + 1}/{args.runs}: {' '.join(t.name for t in order)}")
-        for tool in order:
-            if tool.name not in workspaces:
-                continue
-            ws = workspaces[tool.name]
-            try:
-                tool.start(ws)
-            except (StepFailed, OSError) as exc:
-                results.samples.append(Sample(rep, tool.name, "commit1", error=f"starting: {exc}"))
-                log(f"  {tool.name}: starting failed: {exc}")
-                continue
-            try:
-                run_tool(tool, ws, rep, trees, results, check_fidelity=rep == 0)
-            finally:
+        running: list[tuple[Tool, Workspace, Iterator[None]]] = []
+        try:
+            for tool in order:
+                if tool.name not in workspaces:
+                    continue
+                ws = workspaces[tool.name]
+                try:
+                    tool.start(ws)
+                except (StepFailed, OSError) as exc:
+                    results.samples.append(Sample(rep, tool.name, "commit1", error=f"starting: {exc}"))
+                    log(f"  {tool.name}: starting failed: {exc}")
+                    continue
+                steps = run_tool(tool, ws, rep, trees, results, check_fidelity=rep == 0)
+                running.append((tool, ws, steps))
+                next(steps)  # to just before its first step
+            for _ in SEQUENCE:  # step by step, every tool in turn (in this repetition's order)
+                for _, _, steps in running:
+                    next(steps, None)
+        finally:
+            for tool, ws, steps in running:
+                steps.close()
                 tool.finish(ws)
     results.meta["duration_s"] = round(time.time() - started, 1)
     return results
