@@ -593,24 +593,21 @@ def probe(folder: Path) -> float:
     return time.perf_counter() - t
 
 
-def wait_quiet(folder: Path, fastest: list[float], limit: float) -> dict[str, float]:
-    """After the settle, probe every 15 s until file creation is as fast as the run's fastest probe so far
-    (PROBE_SLACK), for at most `limit` seconds: a fixed settle left repetitions after the first 2-5 x slower
-    for every tool (restores 3-5 s against 0.6-0.8 s) and the ratios following whichever tool ran while the
-    disk recovered. Returns what it saw, for the results."""
+def wait_quiet(folder: Path, probes: list[float], limit: float) -> dict[str, float]:
+    """After the settle, probe every 15 s until file creation is within PROBE_SLACK of the run's fastest
+    probe (`probes`: every probe so far), for at most `limit` seconds: a fixed settle left repetitions after
+    the first 2-5 x slower for every tool (restores 3-5 s against 0.6-0.8 s) and the ratios following
+    whichever tool ran while the disk recovered. Returns what it saw, for the results."""
     started = time.time()
-    n = 0
     while True:
-        took = probe(folder / f"probe{n}")
-        n += 1
-        fastest.append(min(fastest + [took]))
-        waited = time.time() - started
-        if took <= PROBE_SLACK * fastest[-1] or waited >= limit:
-            if took > PROBE_SLACK * fastest[-1]:
-                log(f"  still slow after {waited:.0f} s (probe {took:.3f} s, fastest {fastest[-1]:.3f} s): going on")
-            else:
-                log(f"  quiet: probe {took:.3f} s (fastest {fastest[-1]:.3f} s) after {waited:.0f} s")
-            return {"probe_s": round(took, 4), "fastest_s": round(fastest[-1], 4), "waited_s": round(waited, 1)}
+        took = probe(folder / f"probe{len(probes)}")
+        probes.append(took)
+        fastest, waited = min(probes), time.time() - started
+        quiet = took <= PROBE_SLACK * fastest
+        if quiet or waited >= limit:
+            state = "quiet" if quiet else f"still slow after {limit:.0f} s, going on"
+            log(f"  {state}: probe {took:.3f} s (fastest {fastest:.3f} s) after {waited:.0f} s")
+            return {"probe_s": round(took, 4), "fastest_s": round(fastest, 4), "waited_s": round(waited, 1)}
         time.sleep(15)
 
 
@@ -765,7 +762,7 @@ def run(args: argparse.Namespace) -> Results:
     # once and reset by rsync (a few hundred changed files) between repetitions. Each repetition starts
     # by deleting the previous one (1.5-2 GB; a run that kept them all met ENOSPC with 69 GB free),
     # then syncs and waits, which lets the delete's slow-create window pass and the I/O budget refill.
-    fastest: list[float] = []  # the fastest probe of file creation so far (wait_quiet)
+    probes: list[float] = []  # every probe of file creation in this run (wait_quiet)
     for rep in range(args.runs):
         rep_dir = work / f"rep{rep}"
         if rep > 0 and not args.keep:
@@ -794,7 +791,7 @@ def run(args: argparse.Namespace) -> Results:
             workspaces[tool.name] = ws
         settle(args.settle)
         if args.quiet_wait > 0:
-            results.meta.setdefault("quiet", []).append(wait_quiet(rep_dir / "probes", fastest, args.quiet_wait))
+            results.meta.setdefault("quiet", []).append(wait_quiet(rep_dir / "probes", probes, args.quiet_wait))
         log(f"repetition {rep + 1}/{args.runs}: {' '.join(t.name for t in order)}")
         running: list[tuple[Tool, Workspace, Iterator[None]]] = []
         try:

@@ -108,6 +108,7 @@ def _child(fn: Callable[[T], object], items: list[T], parent: int, w: int) -> No
 
         try:
             report = pickle.dumps(exc)
+            pickle.loads(report)  # an exception whose class cannot be rebuilt from its args must not fail there
         except Exception:
             report = pickle.dumps(ImgstoreError(f"{type(exc).__name__}: {exc}"))
         try:

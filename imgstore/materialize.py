@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,7 @@ MAT = "mat"
 # In mat/ while a materialize makes copies: they are named before syncfs makes their data durable, so after a
 # power cut a copy can exist with its data lost. Until the tree is renamed into place nothing links them.
 UNSYNCED = f"{TMP_PREFIX}unsynced"
-COPY_COST = 16 << 10  # what making one copy costs, in bytes written (forkjoin.run_split weighs with it)
+COPY_COST = 16 << 10  # making one copy (create, metadata, link) costs about as much as writing this many bytes
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
@@ -149,7 +150,6 @@ def _writing_back(root: Path, new_copies: bool) -> Iterator[None]:
     if not new_copies:
         yield
         return
-    import threading
 
     def sync() -> None:
         with contextlib.suppress(OSError):
@@ -246,7 +246,6 @@ def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
             for e, path in group:
                 _make_mat(store, e, dfd, path)
 
-        # A file costs about as much as 16 KiB of data (creating it, its metadata, linking it).
         run_split(make, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
     finally:
         os.close(dfd)

@@ -84,6 +84,22 @@ def test_an_error_in_the_child_is_raised_here_with_its_hint() -> None:
     assert info.value.message == "no space left on /srv/imgstore" and info.value.hint == "free 12 MB there"
 
 
+class _TwoArgs(Exception):
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")  # args hold one string: pickle cannot rebuild it
+
+
+def test_an_error_in_the_child_that_pickle_cannot_rebuild_still_says_what_it_was() -> None:
+    parent = os.getpid()
+
+    def fn(i: int) -> None:
+        if os.getpid() != parent:
+            raise _TwoArgs("pack 3", "unreadable")
+
+    with pytest.raises(ImgstoreError, match="_TwoArgs: pack 3: unreadable"):
+        forkjoin.run_split(fn, list(range(4)), weight=lambda i: 1)
+
+
 def test_an_error_here_kills_the_child(tmp_path: Path) -> None:
     parent = os.getpid()
     log = tmp_path / "log"
