@@ -477,12 +477,10 @@ def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_p
     assert os.path.isdir("/usr/bin") and t6.is_dir()
 
 
-@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temps"])
-def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Path, cli: Cli, unnamed: bool,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shared copies are made by two processes (forkjoin), block by block, as unnamed files linked in when complete
-    (O_TMPFILE) or, where a filesystem has none, under temp names renamed into place: either way the tree
-    equals a checkout, every copy is linked into it, and nothing temporary is left in mat/."""
+def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Path, cli: Cli) -> None:
+    """Shared copies are made by two processes (forkjoin), block by block, each at its name in mat/ (the marker
+    covers them until the syncfs): the tree equals a checkout, every copy is linked into it, and nothing
+    temporary is left in mat/."""
     from treeutil import diff_snapshots, snapshot
 
     from imgstore import generations
@@ -510,13 +508,12 @@ def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Pa
     assert r.returncode == 0, r.stderr
 
     root = tmp_path / "store"
-    monkeypatch.setattr(mat, "_tmpfile", [unnamed])
     store = Store.open(root)
     with store.engine.connect() as conn:
         gen = generations.resolve(conn, "web@latest")
     with store_lock(root, "materialize"):
         path, created = mat.materialize(store, gen)
-    assert created and mat._tmpfile == [unnamed]
+    assert created
     assert cli("checkout", "web@latest", tmp_path / "co").returncode == 0
     strip = lambda s: {k: {a: b for a, b in v.items() if a != "link_group"} for k, v in s.items()}  # noqa: E731
     assert diff_snapshots(strip(snapshot(tmp_path / "co")), strip(snapshot(path))) == []
@@ -524,7 +521,103 @@ def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Pa
     assert len(copies) == 12 * 60 + 3  # the small files (the hardlink is one of them), big, empty, the symlink
     assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []  # no temp names left
     assert all(p.lstat().st_nlink >= 2 for p in copies)
+    assert not (root / mat.MAT / mat.UNSYNCED).exists()
     assert cli("verify").returncode == 0
+
+
+def _single_copies(root: Path) -> list[Path]:
+    """Shared copies that no tree links (one link)."""
+    return [p for p in (root / "mat").rglob("*") if not p.is_dir() and p.lstat().st_nlink == 1]
+
+
+def test_a_copy_cut_short_by_a_kill_or_an_error_is_never_used(tmp_path: Path, cli: Cli) -> None:
+    """materialize makes each copy at its name: a kill half-way leaves it there, with the marker, and the next
+    command sweeps it; an error half-way (damaged data) removes it at once. Either way the tree that is
+    finally made is exact and nothing is left that no tree links."""
+    from imgstore import browse, generations
+    from imgstore import materialize as mat
+    from imgstore.store import Store
+
+    tree = tmp_path / "chroot"
+    (tree / "etc").mkdir(parents=True)
+    for i in range(40):
+        (tree / f"etc/f{i}").write_bytes(b"%d " % i * (50 + i))
+    (tree / "etc/big").write_bytes(bytes(range(256)) * 8192)  # 2 MB: a loose object
+    assert cli("init").returncode == 0
+    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
+    assert cli("commit", tree, "-p", "web", "--no-kernel", "-m", "one").returncode == 0
+    root = tmp_path / "store"
+
+    r = cli("materialize", "web@1", env={"IMGSTORE_FAULT": "materialize.before-mat-link:kill"})
+    assert r.returncode == -9, r.stderr
+    assert (root / mat.MAT / mat.UNSYNCED).exists() and _single_copies(root)  # named, half-made, unlinked
+    r = cli("materialize", "web@1")
+    assert r.returncode == 0, r.stderr
+    assert _single_copies(root) == [] and not (root / mat.MAT / mat.UNSYNCED).exists()
+    assert cli("verify").returncode == 0
+
+    # An error while writing a copy: the loose object's data damaged (its size kept).
+    store = Store.open(root)
+    with store.engine.connect() as conn:
+        gen = generations.resolve(conn, "web@1")
+    big = next(e for e in browse.entries(store, gen) if e.path == b"etc/big")
+    tree_path = mat.tree_path(store, gen)
+    mat.remove_tree(tree_path)
+    assert cli("gc", "--keep", "1").returncode == 0  # its copies go with the tree
+    assert _single_copies(root) == [] and not mat.mat_path(store, mat.mat_key(big)).exists()
+    loose = store.objects.loose_path(big.digest)
+    data = bytearray(loose.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(loose, 0o644)
+    loose.write_bytes(bytes(data))
+    r = cli("materialize", "web@1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert not os.path.lexists(mat.mat_path(store, mat.mat_key(big)))  # the half-made copy was removed
+    # And every copy the failed run made: had the other process been killed by the error, its copy in the
+    # making would be half-made at its name.
+    assert _single_copies(root) == []
+    assert not tree_path.exists() and not (root / mat.MAT / mat.UNSYNCED).exists()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temp"])
+def test_a_single_copy_is_complete_before_it_has_its_name(tmp_path: Path, cli: Cli, unnamed: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy made alone (boot files, repair: no marker, no syncfs after it) is an unnamed file linked in once
+    complete, or, where a filesystem has no O_TMPFILE, a temp file renamed into place; a symlink planted at its
+    key is replaced, not followed. Nothing temporary is left either way."""
+    from imgstore import browse, generations
+    from imgstore import materialize as mat
+    from imgstore.locking import store_lock
+    from imgstore.store import Store
+
+    tree = tmp_path / "chroot"
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot/vmlinuz").write_bytes(os.urandom(5000))
+    os.chmod(tree / "boot/vmlinuz", 0o600)
+    os.symlink("vmlinuz", tree / "boot/link")
+    assert cli("init").returncode == 0
+    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
+    assert cli("commit", tree, "-p", "web", "--no-kernel", "-m", "one").returncode == 0
+    root = tmp_path / "store"
+    monkeypatch.setattr(mat, "_tmpfile", [unnamed])
+    store = Store.open(root)
+    with store.engine.connect() as conn:
+        gen = generations.resolve(conn, "web@1")
+    es = {e.path: e for e in browse.entries(store, gen)}
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not ours")
+    planted = mat.mat_path(store, mat.mat_key(es[b"boot/vmlinuz"]))
+    planted.parent.mkdir(parents=True)
+    os.symlink(victim, planted)
+    dirty: set[Path] = set()
+    with store_lock(root, "test"):
+        copy = mat.ensure_mat(store, es[b"boot/vmlinuz"], dirty)
+        link = mat.ensure_mat(store, es[b"boot/link"], dirty)
+    assert copy == planted and not copy.is_symlink() and copy.read_bytes() == (tree / "boot/vmlinuz").read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600 and victim.read_bytes() == b"not ours"
+    assert os.readlink(link) == "vmlinuz"
+    assert mat._tmpfile == [unnamed] and dirty == {copy.parent, link.parent}
+    assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []
 
 
 def test_copies_of_a_materialize_cut_before_its_sync_are_not_trusted(fleet: Path, cli: Cli) -> None:
