@@ -33,10 +33,11 @@ from .manifest import FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
-# In mat/ while a materialize makes copies: they are named before syncfs makes their data durable, so after a
-# power cut a copy can exist with its data lost. Until the tree is renamed into place nothing links them.
+# In mat/ while a materialize makes copies: each is made at its name, so a kill can leave one half-made, and
+# syncfs makes their data durable only at the end, so after a power cut a copy can exist with its data lost.
+# Until then only the staging tree links them; a command that finds the marker removes that tree, then them.
 UNSYNCED = f"{TMP_PREFIX}unsynced"
-COPY_COST = 16 << 10  # making one copy (create, metadata, link) costs about as much as writing this many bytes
+COPY_COST = 16 << 10  # making one copy (create, metadata) costs about as much as writing this many bytes
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
