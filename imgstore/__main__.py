@@ -11,8 +11,9 @@ import sys
 def main() -> None:
     if sys.argv[1:] == ["--version"]:
         from . import __version__
+        from .native import describe
 
-        print(f"imgstore {__version__}")
+        print(f"imgstore {__version__} ({describe()})")
         return
     from .client import forward
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from . import audit, bootfiles, faults, generations, manifest, metadata
+from . import audit, bootfiles, faults, generations, manifest, metadata, native
 from .durable import no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
@@ -42,6 +42,7 @@ BATCH_FILES = 1024
 BATCH_BYTES = 2 << 20  # a batch's new small files make one or two blocks (objects.BLOCK)
 WINDOW = 8  # batches in flight between the walk and the writer
 OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
+NATIVE_PATH_MAX = 4000  # longer paths go through Python's short_path (docs/format.md: names past PATH_MAX)
 
 
 class CommitResult:
@@ -88,6 +89,7 @@ class _Reader:
     def __init__(self, store: Store) -> None:
         self.objects = store.objects
         self._local = threading.local()
+        self._native = native.reader()
 
     def batch(self, founds: list[Found]) -> _Batch:
         block: Block | None = getattr(self._local, "block", None)
@@ -103,12 +105,17 @@ class _Reader:
             stored[1] += added
 
         try:
-            for f in founds:
-                digest, nread, loose_new = self.read(f, block, seen)
-                done.append((digest, nread))
-                if loose_new:
-                    stored[0] += 1
-                    stored[1] += loose_new
+            i = 0
+            while i < len(founds):
+                n = self.read_native(founds, i, block, seen, done) if self._native is not None else 0
+                if n == 0:  # a large file, a long path, or a file the native loop left to Python
+                    digest, nread, loose_new = self.read(founds[i], block, seen)
+                    done.append((digest, nread))
+                    if loose_new:
+                        stored[0] += 1
+                        stored[1] += loose_new
+                    n = 1
+                i += n
                 if block.used >= BLOCK:
                     store_block()
             if block.objs:
@@ -116,6 +123,39 @@ class _Reader:
         finally:
             block.clear()  # what an error left unstored is not kept for the next batch
         return done, stored[0], stored[1]
+
+    def read_native(self, founds: list[Found], start: int, block: Block, seen: set[bytes],
+                    done: list[tuple[str, int]]) -> int:
+        """Read and hash the small files from founds[start] on in Rust (imgstore/_native), as many as fill the
+        block, with the GIL released throughout; returns how many it did (0: founds[start] is Python's).
+        Only files exactly as the walk saw them (inode, size, mtime, ctime) are taken, so their entries and
+        stat cache rows (from the walk's lstat) stand as they are."""
+        want: list[tuple[bytes, int, int, int, int]] = []
+        room = BLOCK - block.used
+        for f in founds[start:]:
+            st = f.st
+            if st.st_size >= LOOSE_MIN or len(f.abspath) >= NATIVE_PATH_MAX or room <= 0:
+                break
+            want.append((f.abspath, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            room -= st.st_size
+        if not want:
+            return 0
+        assert self._native is not None
+        n = 0
+        at = block.used
+        for raw in self._native(want, block.view, at, BLOCK):
+            if raw is None:
+                break
+            size = want[n][2]
+            if raw not in seen and not self.objects.has_raw(raw):
+                seen.add(raw)
+                if block.used != at:  # a duplicate before it left a gap
+                    block.view[block.used:block.used + size] = block.view[at:at + size]
+                block.keep(raw, size)
+            at += size
+            done.append((raw.hex(), size))
+            n += 1
+        return n
 
     def read(self, found: Found, block: Block, seen: set[bytes]) -> tuple[str, int, int]:
         """(digest, bytes read, bytes stored loose) of one file; a new small one is kept in `block`."""

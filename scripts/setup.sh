@@ -8,7 +8,10 @@ export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
-for pkg in "$@"; do
+# The read loop in Rust (native/): Debian's compiler and crates, so that it builds offline (.cargo/config.toml).
+# Without them imgstore still installs and reads in Python; `imgstore --version` says which.
+NATIVE=(cargo librust-pyo3-dev librust-blake3-dev librust-libc-dev)
+for pkg in "${NATIVE[@]}" "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -23,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.imgstore-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml native/Cargo.toml native/src -newer "$stamp" 2>/dev/null)" ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
