@@ -1,0 +1,233 @@
+"""The read loop in Rust (native/, imgstore/native.py): built wherever its toolchain is, the same stored bytes
+as the Python loop, and every file that is not exactly what the walk saw left to Python."""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+from conftest import Cli, write_profile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from treeutil import diff_snapshots, make_nasty_tree, snapshot
+
+from imgstore import browse, commit, native, scan, verify
+from imgstore.errors import ChangedWhileReading
+from imgstore.objects import BLOCK, LOOSE_MIN, MAX_BLOCK
+from imgstore.store import Store
+
+
+@pytest.fixture
+def read_files(monkeypatch: pytest.MonkeyPatch) -> native.NativeRead:
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    fn = native.reader()
+    if fn is None:  # test_the_native_loop_is_built_where_its_toolchain_is says whether that may be
+        pytest.skip("the native read loop is not built here")
+    return fn
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch, read_files: native.NativeRead) -> list[int]:
+    """How many files each call of the real native loop took (commit looks it up through native.reader)."""
+    taken: list[int] = []
+
+    def counting(files: list[tuple[bytes, int, int, int, int]], buf: memoryview, at: int, limit: int
+                 ) -> list[bytes | None]:
+        out = read_files(files, buf, at, limit)
+        taken.append(sum(1 for d in out if d is not None))
+        return out
+
+    monkeypatch.setattr(native, "reader", lambda: counting)
+    return taken
+
+
+def test_the_native_loop_is_built_where_its_toolchain_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/setup.sh installs cargo and Debian's crates (as root, as CI runs it): the build must not have
+    fallen back to Python there without anybody noticing."""
+    if not (shutil.which("cargo") and glob.glob("/usr/share/cargo/registry/pyo3-0.*")):
+        pytest.skip("no cargo or no librust-pyo3-dev: imgstore installs without the native loop")
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    assert native.reader() is not None, "imgstore/_native is not built: run scripts/setup.sh (as root)"
+    assert native.describe() == "native read loop"
+    monkeypatch.setenv("IMGSTORE_NATIVE", "0")
+    assert native.reader() is None and native.describe() == "pure Python: IMGSTORE_NATIVE=0"
+
+
+def _commit(root: Path, tree: Path) -> commit.CommitResult:
+    store = Store.init(root)
+    write_profile(store.root, "t", "[commit]\ndefault_excludes = false\nrequire_kernel = false\n")
+    try:
+        return commit.commit(store, tree, "t", no_kernel=True)
+    finally:
+        store.close()
+
+
+def test_native_and_python_loops_store_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[int]) -> None:
+    tree = tmp_path / "tree"
+    make_nasty_tree(tree)
+    rnd = __import__("random").Random(7)
+    small = tree / "small"
+    small.mkdir()
+    shared = os.urandom(3000)
+    for i in range(2500):  # several blocks' worth, with duplicates (the block is compacted around them)
+        size = rnd.choice((0, 1, 100, 4095, 4096, 20000, 70000))
+        data = shared if i % 7 == 0 else rnd.randbytes(size) if i % 2 else b"text %d\n" % i * (size // 8)
+        (small / f"f{i:04d}").write_bytes(data)
+        if i == 1200:
+            (small / "f1200-large").write_bytes(os.urandom(LOOSE_MIN + 5))  # a large file inside a run
+    sparse = small / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(LOOSE_MIN - 1)
+        f.write(b"head")
+    # A path longer than NATIVE_PATH_MAX (Python reads it, through short_path) but below PATH_MAX (the
+    # snapshot below can still reach it): 4,050 bytes.
+    deep = os.fsencode(tree)
+    while len(deep) < 4050 - 250 - len(b"/deep-file"):
+        deep += b"/" + b"d" * 240
+    deep += b"/" + b"e" * (4050 - len(b"/deep-file") - len(deep) - 1)
+    os.makedirs(deep)
+    with open(deep + b"/deep-file", "wb") as f:
+        f.write(b"far down")
+    assert len(deep + b"/deep-file") == 4050 > commit.NATIVE_PATH_MAX
+    os.link(small / "f0001", tree / "hardlink-to-f0001")
+
+    monkeypatch.setenv("IMGSTORE_NATIVE", "0")
+    py = _commit(tmp_path / "py", tree)
+    monkeypatch.delenv("IMGSTORE_NATIVE")
+    calls.clear()
+    nat = _commit(tmp_path / "nat", tree)
+    assert sum(calls) >= 2500, calls  # the small files went through the native loop
+    assert nat.generation.gen_id == py.generation.gen_id
+    # Not new_bytes: which of two batches with the same content packs it, and so what each block holds and
+    # how well it compresses, depends on how the worker threads run, in either loop.
+    assert (nat.new_objects, nat.read_files, nat.read_bytes) == (py.new_objects, py.read_files, py.read_bytes)
+    store = Store.open(tmp_path / "nat")
+    try:
+        assert verify.verify(store).ok
+        browse.checkout(store, nat.generation, tmp_path / "out")
+    finally:
+        store.close()
+    problems = diff_snapshots(snapshot(tree), snapshot(tmp_path / "out"))
+    assert not problems, problems[:20]
+
+
+def _founds(tree: Path) -> list[scan.Found]:
+    walked, _ = scan.walk(tree, [])
+    root = os.fsencode(tree)
+    return [f for f in (scan.describe(w, root) for w in walked) if f.entry.type == "f"]
+
+
+def test_a_file_changed_after_the_walk_is_read_again_by_python(
+        store: Store, tmp_path: Path, calls: list[int]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (tree / name).write_bytes(name.encode() * 1000)
+    founds = _founds(tree)
+    (tree / "b").write_bytes(b"B" * 1000)  # same size, new content, new mtime and ctime
+    os.utime(tree / "b", ns=(5_000_000_000, 5_000_000_000))
+    done, new_objects, _ = commit._Reader(store).batch(founds)
+    assert [d for d, _ in done] == [blake3.blake3(c * 1000).hexdigest() for c in (b"a", b"B", b"c", b"d")]
+    assert new_objects == 4
+    b = founds[1].entry
+    assert b.mtime_ns == 5_000_000_000 and founds[1].st.st_mtime_ns == 5_000_000_000  # what was read
+    assert calls[0] == 1 and calls[-1] == 2  # a, then Python for b, then c and d natively again
+
+
+def test_a_file_removed_or_replaced_after_the_walk_is_named(store: Store, tmp_path: Path,
+                                                            calls: list[int]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("gone", "fifo", "dir"):
+        (tree / name).write_bytes(b"x" * 10)
+    founds = {f.entry.path: f for f in _founds(tree)}
+    os.unlink(tree / "gone")
+    with pytest.raises(ChangedWhileReading, match="gone was removed while commit read it"):
+        commit._Reader(store).batch([founds[b"gone"]])
+    os.unlink(tree / "fifo")
+    os.mkfifo(tree / "fifo")  # opened non-blocking by both loops: no hang
+    with pytest.raises(ChangedWhileReading, match="fifo was replaced while commit read it"):
+        commit._Reader(store).batch([founds[b"fifo"]])
+    os.unlink(tree / "dir")
+    os.mkdir(tree / "dir")
+    with pytest.raises(ChangedWhileReading, match="dir was replaced while commit read it"):
+        commit._Reader(store).batch([founds[b"dir"]])
+
+
+def _want(paths: list[Path]) -> list[tuple[bytes, int, int, int, int]]:
+    out = []
+    for p in paths:
+        s = os.lstat(p)
+        out.append((os.fsencode(p), s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns))
+    return out
+
+
+@pytest.fixture
+def block() -> Iterator[memoryview]:
+    with mmap.mmap(-1, MAX_BLOCK) as m:
+        view = memoryview(m)
+        yield view
+        view.release()
+
+
+def test_read_files_contract(tmp_path: Path, read_files: native.NativeRead, block: memoryview) -> None:
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes([65 + i]) * 100)
+        paths.append(p)
+    want = _want(paths)
+    # Reads back to back from `offset` while it is below `limit`: the third would start at 210, past 150.
+    out = read_files(want, block, 10, 150)
+    assert out == [blake3.blake3(b"A" * 100).digest(), blake3.blake3(b"B" * 100).digest()]
+    assert bytes(block[10:210]) == b"A" * 100 + b"B" * 100 and bytes(block[210:310]) != b"C" * 100
+    # A file not as the walk saw it ends the run with None; nothing after it is read.
+    block[:] = b"\0" * len(block)
+    for bad in ((want[1][0], want[1][1] + 1, *want[1][2:]),  # another inode
+                (want[1][0], want[1][1], 99, *want[1][3:]),  # another size
+                (want[1][0], *want[1][1:3], want[1][3] + 1, want[1][4]),  # another mtime
+                (b"no\0such", *want[1][1:]),  # a path the system cannot take
+                (os.fsencode(tmp_path / "missing"), *want[1][1:])):
+        assert read_files([want[0], bad, want[2]], block, 0, BLOCK) == [blake3.blake3(b"A" * 100).digest(), None]
+    # A file that does not fit in what is left of the buffer is Python's too.
+    assert read_files([want[0]], block, len(block) - 50, len(block)) == [None]
+    with pytest.raises(ValueError, match="offset past the end"):
+        read_files(want, block, len(block) + 1, len(block) + 2)
+    with pytest.raises(TypeError, match="writable"):
+        read_files(want, memoryview(b"x" * 1000), 0, 100)
+    with pytest.raises(ValueError, match="length 5"):
+        read_files([(b"x", 1)], block, 0, 100)  # type: ignore[list-item]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(max_size=9000), min_size=1, max_size=40))
+def test_read_files_reads_and_hashes_like_python(contents: list[bytes]) -> None:
+    fn = native.reader()
+    if fn is None:
+        pytest.skip("the native read loop is not built here")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d, mmap.mmap(-1, MAX_BLOCK) as m:
+        paths = []
+        for i, c in enumerate(contents):
+            p = Path(d) / f"{i}"
+            p.write_bytes(c)
+            paths.append(p)
+        view = memoryview(m)
+        assert fn(_want(paths), view, 0, BLOCK) == [blake3.blake3(c).digest() for c in contents]
+        assert bytes(view[:sum(map(len, contents))]) == b"".join(contents)
+        view.release()
+
+
+def test_version_says_whether_the_native_loop_is_used(cli: Cli) -> None:
+    r = cli("--version", env={"IMGSTORE_NATIVE": "0"})
+    assert r.returncode == 0 and r.stdout == "imgstore 0.1.0 (pure Python: IMGSTORE_NATIVE=0)\n"
+    r = cli("--version", env={"IMGSTORE_NATIVE": "1"})
+    assert r.stdout == f"imgstore 0.1.0 ({native.describe()})\n"
