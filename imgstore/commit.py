@@ -84,7 +84,8 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 class _Reader:
     """Reads and hashes files in worker threads. A new small file is read straight into the thread's block,
     which is compressed and written into the open pack once full; a large one is compressed into a loose
-    object as it is read. Reads, hashing, compression and writes release the GIL."""
+    object as it is read. Reads, hashing, compression and writes release the GIL; small files are read and
+    hashed a run at a time by the Rust loop (imgstore/native.py) where it is built."""
 
     def __init__(self, store: Store) -> None:
         self.objects = store.objects
@@ -132,7 +133,8 @@ class _Reader:
         stat cache rows (from the walk's lstat) stand as they are."""
         want: list[tuple[bytes, int, int, int, int]] = []
         room = BLOCK - block.used
-        for f in founds[start:]:
+        for j in range(start, len(founds)):
+            f = founds[j]
             st = f.st
             if st.st_size >= LOOSE_MIN or len(f.abspath) >= NATIVE_PATH_MAX or room <= 0:
                 break
