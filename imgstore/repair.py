@@ -112,17 +112,22 @@ def check_tree(store: Store, gen: Generation, entries: list[Entry], hashes: dict
                 if e.type == DIR:
                     stack.append((e.path, None, set()))
                 continue
-            # Path-based reads go through the directory's fd link; the last component is not followed.
-            actual = entry_from_stat(e.path, b"/proc/self/fd/%d/%s" % (pfd, name), st)
-            if actual is None:
-                problems.append(TreeProblem(gen.ref, rel, "type"))
-                continue
-            if _meta(actual) != _meta(want) or (want.type == FILE and st.st_size != want.size):
-                problems.append(TreeProblem(gen.ref, rel, "metadata"))
-            if want.type == FILE and _hash_file(pfd, name, hashes, st) != want.digest:
-                problems.append(TreeProblem(gen.ref, rel, "content"))
-            if e.type == DIR:
-                stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), set()))
+            try:
+                # Path-based reads go through the directory's fd link; the last component is not followed.
+                actual = entry_from_stat(e.path, b"/proc/self/fd/%d/%s" % (pfd, name), st)
+                if actual is None:
+                    problems.append(TreeProblem(gen.ref, rel, "type"))
+                    continue
+                if _meta(actual) != _meta(want) or (want.type == FILE and st.st_size != want.size):
+                    problems.append(TreeProblem(gen.ref, rel, "metadata"))
+                if want.type == FILE and _hash_file(pfd, name, hashes, st) != want.digest:
+                    problems.append(TreeProblem(gen.ref, rel, "content"))
+                if e.type == DIR:
+                    stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), set()))
+            except FileNotFoundError:  # gone since its stat: gc removing the whole tree (verify takes no lock)
+                problems.append(TreeProblem(gen.ref, rel, "missing"))
+                if e.type == DIR:
+                    stack.append((e.path, None, set()))
         root_e = entries[0]
         st = os.fstat(root_fd)
         actual = entry_from_stat(b".", b"/proc/self/fd/%d" % root_fd, st)
