@@ -231,3 +231,20 @@ def test_version_says_whether_the_native_loop_is_used(cli: Cli) -> None:
     assert r.returncode == 0 and r.stdout == "imgstore 0.1.0 (pure Python: IMGSTORE_NATIVE=0)\n"
     r = cli("--version", env={"IMGSTORE_NATIVE": "1"})
     assert r.stdout == f"imgstore 0.1.0 ({native.describe()})\n"
+
+
+def test_without_the_native_module_commit_reads_in_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an install without cargo has (checked by hand from a clean clone with cargo off PATH: the build
+    skips the extension, `imgstore --version` says so, commit works): imgstore._native cannot be imported."""
+    import sys
+
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    monkeypatch.setitem(sys.modules, "imgstore._native", None)  # `import` raises ImportError
+    assert native.reader() is None
+    assert native.describe().startswith("pure Python: the native read loop is not built")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(50):
+        (tree / f"f{i}").write_bytes(b"%d" % i * 100)
+    res = _commit(tmp_path / "s", tree)
+    assert res.read_files == 50 and res.new_objects == 50
