@@ -263,7 +263,7 @@ def imgstore_argv(from_checkout: bool = False) -> list[str]:
         compile_checkout()
         return [sys.executable, "-m", "imgstore"]
     sources = sorted(p for d in ("imgstore", "migrations", "native/src") for p in (REPO_ROOT / d).rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith("_native.")
+                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"
                      ) + [REPO_ROOT / "pyproject.toml", REPO_ROOT / "native" / "Cargo.toml"]
     stamp = "\n".join(f"{p.relative_to(REPO_ROOT)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in sources)
     python, entry = INSTALL_VENV / "bin" / "python", INSTALL_VENV / "bin" / "imgstore"

@@ -16,13 +16,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from . import audit, bootfiles, faults, generations, manifest, metadata, native
-from .durable import no_space
+from .durable import LONG_PATH, no_space
 from .errors import ChangedWhileReading, NoSpace, NotFound, UsageError
 from .generations import Generation
 from .locking import store_lock
@@ -42,7 +43,6 @@ BATCH_FILES = 1024
 BATCH_BYTES = 2 << 20  # a batch's new small files make one or two blocks (objects.BLOCK)
 WINDOW = 8  # batches in flight between the walk and the writer
 OUT_CHUNK = 64 << 10  # manifest lines handed on at a time
-NATIVE_PATH_MAX = 4000  # longer paths go through Python's short_path (docs/format.md: names past PATH_MAX)
 
 
 class CommitResult:
@@ -90,7 +90,6 @@ class _Reader:
     def __init__(self, store: Store) -> None:
         self.objects = store.objects
         self._local = threading.local()
-        self._native = native.reader()
 
     def batch(self, founds: list[Found]) -> _Batch:
         block: Block | None = getattr(self._local, "block", None)
@@ -108,7 +107,7 @@ class _Reader:
         try:
             i = 0
             while i < len(founds):
-                n = self.read_native(founds, i, block, seen, done) if self._native is not None else 0
+                n = self.read_native(founds, i, block, seen, done)
                 if n == 0:  # a large file, a long path, or a file the native loop left to Python
                     digest, nread, loose_new = self.read(founds[i], block, seen)
                     done.append((digest, nread))
@@ -125,27 +124,34 @@ class _Reader:
             block.clear()  # what an error left unstored is not kept for the next batch
         return done, stored[0], stored[1]
 
+    @cached_property
+    def read_files(self) -> native.NativeRead | None:
+        """The Rust read loop, looked up with the first batch: a no-op commit reads nothing and does not load it."""
+        return native.reader()
+
     def read_native(self, founds: list[Found], start: int, block: Block, seen: set[bytes],
                     done: list[tuple[str, int]]) -> int:
         """Read and hash the small files from founds[start] on in Rust (imgstore/_native), as many as fill the
         block, with the GIL released throughout; returns how many it did (0: founds[start] is Python's).
         Only files exactly as the walk saw them (inode, size, mtime, ctime) are taken, so their entries and
         stat cache rows (from the walk's lstat) stand as they are."""
+        read_files = self.read_files
+        if read_files is None:
+            return 0
         want: list[tuple[bytes, int, int, int, int]] = []
         room = BLOCK - block.used
         for j in range(start, len(founds)):
             f = founds[j]
             st = f.st
-            if st.st_size >= LOOSE_MIN or len(f.abspath) >= NATIVE_PATH_MAX or room <= 0:
+            if st.st_size >= LOOSE_MIN or len(f.abspath) >= LONG_PATH or room <= 0:
                 break
             want.append((f.abspath, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             room -= st.st_size
         if not want:
             return 0
-        assert self._native is not None
         n = 0
         at = block.used
-        for raw in self._native(want, block.view, at, BLOCK):
+        for raw in read_files(want, block.view, at, BLOCK):
             if raw is None:
                 break
             size = want[n][2]

@@ -13,7 +13,7 @@ NativeRead = Callable[[list[tuple[bytes, int, int, int, int]], memoryview, int, 
 
 def reader() -> NativeRead | None:
     """The Rust read loop, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
-    if os.environ.get("IMGSTORE_NATIVE", "1") == "0":
+    if _turned_off():
         return None
     try:
         from ._native import read_files
@@ -24,8 +24,12 @@ def reader() -> NativeRead | None:
 
 def describe() -> str:
     """What `imgstore --version` says about it."""
-    if reader() is not None:
-        return "native read loop"
-    if os.environ.get("IMGSTORE_NATIVE", "1") == "0":
+    if _turned_off():
         return "pure Python: IMGSTORE_NATIVE=0"
-    return "pure Python: the native read loop is not built (scripts/setup.sh installs cargo and the crates)"
+    if reader() is None:
+        return "pure Python: the native read loop is not built (scripts/setup.sh installs cargo and the crates)"
+    return "native read loop"
+
+
+def _turned_off() -> bool:
+    return os.environ.get("IMGSTORE_NATIVE", "1") == "0"

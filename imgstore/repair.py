@@ -74,6 +74,12 @@ def check_tree(store: Store, gen: Generation, entries: list[Entry], hashes: dict
     # names expected in it).
     stack: list[tuple[bytes, int | None, set[bytes]]] = [(b".", root_fd, set())]
 
+    def unreachable(e: Entry, rel: str, what: str) -> None:
+        """A problem with an entry whose contents cannot be looked at: a directory's are all missing."""
+        problems.append(TreeProblem(gen.ref, rel, what))
+        if e.type == DIR:
+            stack.append((e.path, None, set()))
+
     def leave() -> None:
         path, fd, names = stack.pop()
         if fd is None:
@@ -95,24 +101,14 @@ def check_tree(store: Store, gen: Generation, entries: list[Entry], hashes: dict
             stack[-1][2].add(name)
             rel = os.fsdecode(e.path)
             if pfd is None:  # its directory is not a real directory: everything below is missing
-                problems.append(TreeProblem(gen.ref, rel, "missing"))
-                if e.type == DIR:
-                    stack.append((e.path, None, set()))
+                unreachable(e, rel, "missing")
                 continue
             want = first_link[e.target] if e.type == HARDLINK else e
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                problems.append(TreeProblem(gen.ref, rel, "missing"))
-                if e.type == DIR:
-                    stack.append((e.path, None, set()))
-                continue
-            if stat.S_IFMT(st.st_mode) != KINDS[want.type]:
-                problems.append(TreeProblem(gen.ref, rel, "type"))
-                if e.type == DIR:
-                    stack.append((e.path, None, set()))
-                continue
-            try:
+                if stat.S_IFMT(st.st_mode) != KINDS[want.type]:
+                    unreachable(e, rel, "type")
+                    continue
                 # Path-based reads go through the directory's fd link; the last component is not followed.
                 actual = entry_from_stat(e.path, b"/proc/self/fd/%d/%s" % (pfd, name), st)
                 if actual is None:
@@ -124,10 +120,8 @@ def check_tree(store: Store, gen: Generation, entries: list[Entry], hashes: dict
                     problems.append(TreeProblem(gen.ref, rel, "content"))
                 if e.type == DIR:
                     stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), set()))
-            except FileNotFoundError:  # gone since its stat: gc removing the whole tree (verify takes no lock)
-                problems.append(TreeProblem(gen.ref, rel, "missing"))
-                if e.type == DIR:
-                    stack.append((e.path, None, set()))
+            except FileNotFoundError:  # not there, or gone since its stat (gc removing the tree: verify takes no lock)
+                unreachable(e, rel, "missing")
         root_e = entries[0]
         st = os.fstat(root_fd)
         actual = entry_from_stat(b".", b"/proc/self/fd/%d" % root_fd, st)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from treeutil import diff_snapshots, make_nasty_tree, snapshot
 
 from imgstore import browse, commit, native, scan, verify
+from imgstore.durable import LONG_PATH
 from imgstore.errors import ChangedWhileReading
 from imgstore.objects import BLOCK, LOOSE_MIN, MAX_BLOCK
 from imgstore.store import Store
@@ -86,7 +87,7 @@ def test_native_and_python_loops_store_the_same_bytes(
     with open(sparse, "wb") as f:
         f.truncate(LOOSE_MIN - 1)
         f.write(b"head")
-    # A path longer than NATIVE_PATH_MAX (Python reads it, through short_path) but below PATH_MAX (the
+    # A path longer than LONG_PATH (Python reads it, through short_path) but below PATH_MAX (the
     # snapshot below can still reach it): 4,050 bytes.
     deep = os.fsencode(tree)
     while len(deep) < 4050 - 250 - len(b"/deep-file"):
@@ -95,7 +96,7 @@ def test_native_and_python_loops_store_the_same_bytes(
     os.makedirs(deep)
     with open(deep + b"/deep-file", "wb") as f:
         f.write(b"far down")
-    assert len(deep + b"/deep-file") == 4050 > commit.NATIVE_PATH_MAX
+    assert len(deep + b"/deep-file") == 4050 > LONG_PATH
     os.link(small / "f0001", tree / "hardlink-to-f0001")
 
     monkeypatch.setenv("IMGSTORE_NATIVE", "0")

@@ -1,4 +1,4 @@
-//! imgstore's native read loop (docs/benchmarks.md, "First commit: the read loop in Rust").
+//! imgstore's native read loop (docs/benchmarks.md, "First commit, session 11: the read loop in Rust").
 //!
 //! `read_files` reads a run of small regular files back to back into a caller's buffer and hashes each
 //! with BLAKE3, all with the GIL released: the Python loop it replaces released and took back the GIL
