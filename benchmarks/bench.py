@@ -344,7 +344,7 @@ class Imgstore(Tool):
     def store_usage(self, ws: Workspace) -> tuple[int, int]:
         # Materialized trees are boot exports, not storage: they hardlink or copy what the store holds.
         def skip(path: Path) -> bool:
-            return path.name.endswith("-rootfs") or path.name == "mat"
+            return path.name.endswith(("-rootfs", "-rootfs.keys")) or path.name == "mat"
 
         return disk_usage(ws.store, skip)
 

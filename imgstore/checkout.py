@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -58,20 +59,23 @@ def restore(
     dest: Path,
     progress: Progress | None = None,
     own: bool = True,
-    link_source: Callable[[Entry], str | Path] | None = None,
+    made: set[int] | None = None,
+    link_source: Callable[[Entry], tuple[int, bytes] | None] | None = None,
 ) -> CheckoutResult:
     """Create every entry under `dest`, which must exist and be empty.
 
-    With `link_source`, regular files and symlinks become hardlinks to the path it returns (materialize's
-    shared copies) instead of new ones.
+    With `made` (materialize), the directories exist already, and so do the entries whose id() it holds;
+    `link_source(entry)` gives (directory fd, path below it) of a file or symlink to hardlink instead of
+    making a new one, or None. Where a link cannot be made (too many links already), a new one is made.
     """
-    if link_source is None:  # with it, no object is read (materialize checked them before its copies)
+    if made is None:  # else the caller checked, before it made them
         check_objects(objects, entries)
     root_fd = os.open(dest, DIR_FLAGS)
     # Only the directories on the path to the current entry are open (the manifest is in depth-first
     # order): a tree with thousands of directories must not need thousands of file descriptors. A
     # directory gets its metadata when it is left: creating children changes its mtime.
     stack: list[tuple[bytes, int, Entry]] = [(b".", root_fd, entries[0])]
+    sources = _SourceDir()
     nfiles = nbytes = 0
     try:
         for n, e in enumerate(entries[1:], 2):
@@ -88,14 +92,18 @@ def restore(
             pfd = stack[-1][1]
             try:
                 if e.type == DIR:
-                    os.mkdir(name, 0o700, dir_fd=pfd)
+                    if made is None:
+                        os.mkdir(name, 0o700, dir_fd=pfd)
                     stack.append((e.path, os.open(name, DIR_FLAGS, dir_fd=pfd), e))
                     continue
-                if link_source is not None and (e.type == FILE or e.type == SYMLINK):
-                    os.link(link_source(e), name, dst_dir_fd=pfd, follow_symlinks=False)
-                    if e.type == FILE:
-                        nfiles += 1
-                        nbytes += e.size
+                if e.type == FILE:
+                    nfiles += 1
+                    nbytes += e.size
+                if made is not None and id(e) in made:
+                    pass  # made already (materialize's two processes)
+                elif (e.type == FILE or e.type == SYMLINK) and link_source and _link(link_source(e), sources, e,
+                                                                                      pfd, name):
+                    pass
                 elif e.type == FILE:
                     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o600, dir_fd=pfd)
@@ -104,8 +112,6 @@ def restore(
                         _apply_fd(fd, e, own)
                     finally:
                         os.close(fd)
-                    nfiles += 1
-                    nbytes += e.size
                 elif e.type == HARDLINK:
                     tparent, _, tname = e.target.rpartition(b"/")
                     sfd = open_dir(root_fd, tparent)
@@ -136,9 +142,58 @@ def restore(
         if progress:
             progress(len(entries), nbytes)
     finally:
+        sources.close()
         for _, fd, _ in stack:
             os.close(fd)
     return CheckoutResult(len(entries), nfiles, nbytes)
+
+
+class _SourceDir:
+    """The directory of the last file linked from, kept open: the manifest's order makes most links hit it."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, bytes] | None = None
+        self.fd = -1
+
+    def open(self, root_fd: int, parent: bytes) -> int:
+        if self.key != (root_fd, parent):
+            self.close()
+            if b".." in parent.split(b"/"):
+                raise OSError(errno.EINVAL, "'..' in a source path")
+            self.fd = open_dir(root_fd, parent)  # no symlink followed on the way
+            self.key = (root_fd, parent)
+        return self.fd
+
+    def close(self) -> None:
+        if self.key is not None and self.fd != self.key[0]:
+            os.close(self.fd)
+        self.key, self.fd = None, -1
+
+
+def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd: int, name: bytes) -> bool:
+    """Hardlink `name` in dir_fd to source = (directory fd, path below it) if it is the file or symlink `e`
+    describes (type, owner, mode, size, mtime: a source changed by hand, or an index that lies, costs a new
+    file, never a wrong one). False where there is none, or where it has as many links as the filesystem
+    allows (EMLINK: ext4's 65,000)."""
+    if source is None:
+        return False
+    parent, _, base = source[1].rpartition(b"/")
+    try:
+        sfd = cache.open(source[0], parent)
+        st = os.stat(base, dir_fd=sfd, follow_symlinks=False)
+    except (OSError, ValueError):
+        return False
+    kind, size = (stat.S_IFREG, e.size) if e.type == FILE else (stat.S_IFLNK, len(e.target))
+    if (stat.S_IFMT(st.st_mode) != kind or st.st_size != size or st.st_uid != e.uid or st.st_gid != e.gid
+            or st.st_mtime_ns != e.mtime_ns or (kind == stat.S_IFREG and stat.S_IMODE(st.st_mode) != e.mode)):
+        return False
+    try:
+        os.link(base, name, src_dir_fd=sfd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+        return False
+    return True
 
 
 def check_objects(objects: ObjectStore, entries: Iterable[Entry]) -> None:

@@ -22,7 +22,7 @@ from .errors import IntegrityError, NoSpace
 from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE
-from .materialize import _rmtree, discard_stale, sweep_mat, tree_path
+from .materialize import _rmtree, discard_stale, keys_path, sweep_mat, tree_path
 from .objects import read_pack_index
 from .store import RESERVE, RESERVE_SIZE, Store, make_reserve
 
@@ -40,16 +40,24 @@ class GcResult:
         return dict(self.__dict__)
 
 
-def _size(path: os.PathLike[str] | str) -> int:
+def _freed(trees: list[Path]) -> int:
+    """Bytes that removing these trees frees: files whose every link is inside them (trees share files)."""
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except FileNotFoundError:
-                continue
-            if st.st_nlink == 1:  # shared copies are freed later, when nothing links to them
-                total += st.st_blocks * 512
+    shared: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [links still to see, bytes]
+    for tree in trees:
+        for dirpath, _dirs, files in os.walk(tree):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink == 1:
+                    total += st.st_blocks * 512
+                    continue
+                left = shared.setdefault((st.st_dev, st.st_ino), [st.st_nlink, st.st_blocks * 512])
+                left[0] -= 1
+                if left[0] == 0:
+                    total += left[1]
     return total
 
 
@@ -138,14 +146,15 @@ def gc(store: Store, keep: int = 3, older_than: float | None = None, dry_run: bo
         discard_stale(store)
         profiles = {p.name: p for p in store.profiles()}
         # 1. What others can see.
+        res.bytes_freed += _freed([t for g in doomed if (t := tree_path(store, g)).is_dir()])
         for g in doomed:
             t = tree_path(store, g)
             if t.is_dir():
-                res.bytes_freed += _size(t)
                 # Out of sight first (one rename), then deleted: killed half-way, gc leaves a temp tree the
                 # next command discards, never a partial tree under a generation's name.
                 doomed_tree = t.with_name(f"{TMP_PREFIX}gc-{t.name}")
                 os.rename(t, doomed_tree)
+                keys_path(t).unlink(missing_ok=True)  # no tree links from it any more
                 _rmtree(doomed_tree)
             p = profiles.get(g.profile)
             if p is not None:

@@ -1,12 +1,14 @@
 """materialize: lay a generation out as a read-only tree that NFS can export, once, at its own path.
 
-    <store>/<gen id>-<profile>-rootfs/     the tree (never changed once renamed into place)
-    <store>/mat/<2 hex>/<key>              one uncompressed copy per content + owner + mode + xattrs + mtime,
-                                           one symlink per target + owner + xattrs + mtime
+    <store>/<gen id>-<profile>-rootfs/        the tree (never changed once renamed into place)
+    <store>/<gen id>-<profile>-rootfs.keys    its index: for each key (content or symlink target + owner +
+                                              mode + xattrs + mtime), one path of the tree that has it
+    <store>/mat/<2 hex>/<key>                 single shared copies: boot files, files repair puts back
 
-Every regular file and symlink in a tree is a hardlink to its copy in mat/, so generations that share files
-share storage: ten generations differing by one package cost one tree's worth of data plus directories.
-(Linking a symlink costs a tenth of creating one on ext4, as ostree's bare checkouts do too.)
+A tree's regular files and symlinks are made in it, or hardlinked from another tree that has the same key
+(found through that tree's index), so generations that share files share storage: ten generations differing
+by one package cost one tree's worth of data plus directories. Removing a tree (gc) frees what no other tree
+links. (Linking a symlink costs a tenth of creating one on ext4, as ostree's bare checkouts do too.)
 The tree is built under a temp name and renamed into place, so a half-built tree is never visible; a
 temp tree left by a crash (or by an earlier boot of the server) is discarded, never reused.
 """
@@ -22,22 +24,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
+import zstandard
 
 from . import faults
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
-from .durable import DIR_FLAGS, TMP_PREFIX, fsync_dir, no_space, remove_stale_temps, remove_tree, syncfs
+from .durable import (
+    DIR_FLAGS,
+    LONG_PATH,
+    TMP_PREFIX,
+    fsync_dir,
+    no_space,
+    open_dir,
+    remove_stale_temps,
+    remove_tree,
+    syncfs,
+)
+from .errors import IntegrityError
 from .forkjoin import run_split
 from .generations import Generation
-from .manifest import FILE, SYMLINK, Entry
+from .manifest import DIR, FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
-# In mat/ while a materialize makes copies: each is made at its name, so a kill can leave one half-made, and
-# syncfs makes their data durable only at the end, so after a power cut a copy can exist with its data lost.
-# Until then only the staging tree links them; a command that finds the marker removes that tree, then them.
+KEYS = ".keys"
+# Left in mat/ by an earlier imgstore (whose trees linked every file to a copy in mat/) while its materialize made
+# copies: a command that finds it removes the copies no tree links, as that version did.
 UNSYNCED = f"{TMP_PREFIX}unsynced"
-COPY_COST = 16 << 10  # making one copy (create, metadata) costs about as much as writing this many bytes
+COPY_COST = 16 << 10  # making one file (create, metadata) costs about as much as writing this many bytes
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
@@ -53,6 +67,10 @@ def mat_key(e: Entry) -> str:
     return h.hexdigest()
 
 
+def keys_path(tree: Path) -> Path:
+    return tree.with_name(tree.name + KEYS)
+
+
 def mat_path(store: Store, key: str) -> Path:
     return store.root / MAT / key[:2] / key
 
@@ -66,6 +84,9 @@ def discard_stale(store: Store) -> list[str]:
                 _rmtree(p)
             else:
                 p.unlink()
+            gone.append(p.name)
+        elif p.name.endswith(f"-rootfs{KEYS}") and not _is_real_dir(p.with_name(p.name[: -len(KEYS)])):
+            p.unlink()  # its tree was never renamed into place, or gc removed it before the index
             gone.append(p.name)
     # Temp packs and loose objects of a killed commit, temp stat caches.
     for folder in ("packs", "objects", "cache"):
@@ -113,44 +134,180 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
         # Not something materialize made (a planted symlink or file): never serve it, never follow it.
         os.unlink(final)
     es = manifest_entries(store, gen)
-    sources, todo = _plan_mat(store, es)
-    check_objects(store.objects, (e for e, _ in todo.values()))  # what the shared copies lack, before writing
-    _real_dir(store.root / MAT)
     staging = store.root / f"{TMP_PREFIX}{gen.gen_id[:16]}-{gen.profile}-rootfs"
+    keys_tmp = store.root / f"{TMP_PREFIX}{final.name}{KEYS}"
     if os.path.lexists(staging):
         _rmtree(staging)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(keys_tmp)
     os.mkdir(staging, 0o700)
+    make: list[Entry] = []
     try:
-        if todo:
-            _mark_unsynced(store.root / MAT)
-        _fill_mat(store, todo)
-        with _writing_back(store.root, bool(todo)):
-            restore(store.objects, es, staging, own=os.geteuid() == 0, link_source=lambda e: sources[id(e)])
+        root_fd = os.open(staging, DIR_FLAGS)
+        try:
+            with _Earlier(store, final) as earlier:
+                make, sources, keys = _plan(es, earlier, root_fd)
+                check_objects(store.objects, es)  # before the first write (a source found changed is made anew)
+                _make_dirs(es, root_fd)
+                _fill(store, make, root_fd)
+                with _writing_back(store.root, bool(make)):
+                    restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make},
+                            link_source=lambda e: sources.get(id(e)))
+            _write_keys(keys_tmp, keys)
+        finally:
+            os.close(root_fd)
         faults.point("materialize.before-sync")
-        syncfs(store.root)  # the whole tree and the new copies, durably, before the tree becomes visible
+        syncfs(store.root)  # the whole tree and its index, durably, before either becomes visible
+        os.rename(keys_tmp, keys_path(final))  # an index without its tree is removed by discard_stale
         os.rename(staging, final)
         fsync_dir(store.root)
-        _unmark(store.root)
     except BaseException as exc:
         _rmtree(staging)
-        if todo:
-            # The copies made so far go too: one the child was writing when it was killed (after an error
-            # here) is half-made at its name. If the sweep fails, the marker stays for the next command.
-            with contextlib.suppress(OSError):
-                sweep_mat(store)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(keys_tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            missing = sum(e.size for e in es if e.type == FILE and not _is_file(mat_path(store, mat_key(e))))
-            raise no_space(store.root, exc, missing) from exc
+            raise no_space(store.root, exc, sum(e.size for e in make)) from exc
         raise
     return final, True
 
 
+class _Earlier:
+    """The files and symlinks of the store's other trees, by key, read from their indexes (KEYS): a new tree
+    links to them instead of making its own. restore() checks each before it links it (checkout._link)."""
+
+    def __init__(self, store: Store, final: Path) -> None:
+        self.store, self.final = store, final
+        self.fds: list[int] = []
+        self.index: dict[bytes, tuple[int, bytes]] = {}
+
+    def __enter__(self) -> _Earlier:
+        for keys in sorted(self.store.root.glob(f"*-rootfs{KEYS}"), key=lambda p: p.name):
+            tree = keys.with_name(keys.name[: -len(KEYS)])
+            if tree == self.final or keys.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                fd = os.open(tree, DIR_FLAGS)
+                try:
+                    data = zstandard.ZstdDecompressor().decompress(keys.read_bytes())
+                except BaseException:
+                    os.close(fd)
+                    raise
+            except (OSError, zstandard.ZstdError):
+                continue  # its tree is gone (discard_stale removes the index) or the index is unreadable
+            self.fds.append(fd)
+            for rec in data.split(b"\0"):
+                if len(rec) > 65 and rec[64:65] == b" ":
+                    self.index.setdefault(rec[:64], (fd, rec[65:]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    def find(self, key: str) -> tuple[int, bytes] | None:
+        return self.index.get(key.encode())
+
+
+def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
+          ) -> tuple[list[Entry], dict[int, tuple[int, bytes]], dict[str, bytes]]:
+    """Which files and symlinks to make (the first of each key that no other tree has), where the others link
+    from ({id(entry): (directory fd, path below it)}: another tree, or an earlier path of this one), and the
+    new tree's index ({key: path})."""
+    make: list[Entry] = []
+    sources: dict[int, tuple[int, bytes]] = {}
+    keys: dict[str, bytes] = {}
+    for e in es:
+        if e.type != FILE and e.type != SYMLINK:
+            continue
+        key = mat_key(e)
+        first = keys.get(key)
+        if first is not None:
+            sources[id(e)] = (root_fd, first)
+            continue
+        keys[key] = e.path
+        hit = earlier.find(key)
+        if hit is None:
+            make.append(e)
+        else:
+            sources[id(e)] = hit
+    return make, sources, keys
+
+
+def _make_dirs(es: list[Entry], root_fd: int) -> None:
+    """Make the tree's directories (mode 0700 until restore() leaves them). Every entry's parent must be a
+    directory listed before it, on the path of the manifest's depth-first order: the files made by path
+    below root_fd then go through directories this command made, and nothing else."""
+    stack = [b"."]
+    for e in es[1:]:
+        parent = e.path.rpartition(b"/")[0] or b"."
+        while stack[-1] != parent:
+            if len(stack) == 1:
+                raise IntegrityError(f"manifest entry {e.path!r} is out of tree order", "run: imgstore verify")
+            stack.pop()
+        if e.type == DIR:
+            with _in_parent(root_fd, e.path) as (fd, name):
+                os.mkdir(name, 0o700, dir_fd=fd)
+            stack.append(e.path)
+
+
+def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
+    """Make the new files and symlinks in the tree, in two processes (forkjoin): creating a file is mostly
+    kernel time (ext4 here: about as much as ostree's copy checkout spends), which two processes spend in
+    parallel. Files that come from the same block go to the same process, whose cache holds the block."""
+    index = store.objects.index
+    groups: dict[object, list[Entry]] = {}
+    for e in make:
+        slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
+        groups.setdefault(id(e) if slot is None else (slot.pack, slot.offset), []).append(e)
+    own = os.geteuid() == 0
+
+    def fill(group: list[Entry]) -> None:
+        for e in group:
+            with _in_parent(root_fd, e.path) as (fd, name):
+                if e.type == SYMLINK:
+                    os.symlink(e.target, name, dir_fd=fd)
+                    _apply_path(fd, name, e, own, symlink=True)
+                    continue
+                ffd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=fd)
+                try:
+                    _write_content(store.objects, ffd, e)
+                    _apply_fd(ffd, e, own)
+                finally:
+                    os.close(ffd)
+            faults.point("materialize.in-fill")
+
+    run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e in g))
+
+
+@contextlib.contextmanager
+def _in_parent(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes]]:
+    """(directory fd, name) for `path` below root_fd: the path itself while the kernel takes it whole."""
+    if len(path) < LONG_PATH:
+        yield root_fd, path
+        return
+    parent, _, name = path.rpartition(b"/")
+    fd = open_dir(root_fd, parent)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def _write_keys(path: Path, keys: dict[str, bytes]) -> None:
+    """The tree's index: for each key, one path of the tree that has it (zstd; records `<key> <path>\\0`).
+    Written unsynced: the syncfs before the tree is renamed into place covers it."""
+    data = b"".join(b"%s %s\0" % (k.encode(), p) for k, p in keys.items())
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
+        f.write(zstandard.ZstdCompressor(level=1).compress(data))
+
+
 @contextlib.contextmanager
 def _writing_back(root: Path, new_copies: bool) -> Iterator[None]:
-    """While the tree is made (one core, mostly mkdir and link), a thread waits on a first syncfs, which
-    writes the new copies' data out meanwhile: the syncfs after the tree then has mostly metadata left to
-    write (first materialize of the rootfs, 6 alternating pairs: 0.88 against 0.925 s median, 4 pairs to 2).
-    Its error, if any, is left for that second syncfs to raise."""
+    """While the tree is finished (one core, mostly links), a thread waits on a first syncfs, which writes the
+    new files' data out meanwhile: the syncfs after the tree then has mostly metadata left to write (first
+    materialize of the rootfs, 6 alternating pairs: 0.88 against 0.925 s median, 4 pairs to 2). Its error, if
+    any, is left for that second syncfs to raise."""
     if not new_copies:
         yield
         return
@@ -165,12 +322,6 @@ def _writing_back(root: Path, new_copies: bool) -> Iterator[None]:
         yield
     finally:
         t.join()
-
-
-def _mark_unsynced(mat: Path) -> None:
-    with open(os.open(mat / UNSYNCED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb"):
-        pass
-    fsync_dir(mat)  # durable before the first copy is named
 
 
 def _unmark(root: Path) -> None:
@@ -199,68 +350,6 @@ def _real_dir(p: Path) -> None:
     os.makedirs(p, mode=0o755, exist_ok=True)
 
 
-def _plan_mat(store: Store, es: list[Entry]) -> tuple[dict[int, str], dict[str, tuple[Entry, str]]]:
-    """Where each file's and symlink's shared copy is ({id(entry): path}, for restore() to link), and which
-    copies are missing ({key: (entry, path)})."""
-    sources: dict[int, str] = {}
-    todo: dict[str, tuple[Entry, str]] = {}
-    base = os.fspath(store.root / MAT)
-    present: dict[str, tuple[set[str], set[str]]] = {}  # each subfolder's files and symlinks: one listing
-    for e in es:
-        if e.type != FILE and e.type != SYMLINK:
-            continue
-        key = mat_key(e)
-        sub = key[:2]
-        listing = present.get(sub)
-        if listing is None:
-            listing = present[sub] = _listing(f"{base}/{sub}")
-        path = sources[id(e)] = f"{base}/{sub}/{key}"
-        if key not in listing[e.type == SYMLINK] and key not in todo:
-            todo[key] = (e, path)
-    return sources, todo
-
-
-def _fill_mat(store: Store, todo: dict[str, tuple[Entry, str]]) -> None:
-    """Make the missing shared copies, in two processes (forkjoin): creating a file is mostly kernel time
-    (ext4 here: about as much as ostree's copy checkout spends), which two processes spend in parallel.
-    Files that come from the same block go to the same process, whose cache holds the decompressed block."""
-    if not todo:
-        return
-    base = store.root / MAT  # made by materialize() already
-    for sub in {key[:2] for key in todo}:
-        _real_dir(base / sub)
-    index = store.objects.index
-    groups: dict[object, list[tuple[Entry, str]]] = {}
-    for key, (e, path) in todo.items():
-        slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
-        groups.setdefault(key if slot is None else (slot.pack, slot.offset), []).append((e, path))
-    dfd = os.open(base, DIR_FLAGS)
-    try:
-        def make(group: list[tuple[Entry, str]]) -> None:
-            for e, path in group:
-                _make_mat(store, e, dfd, path)
-
-        run_split(make, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
-    finally:
-        os.close(dfd)
-
-
-def _listing(folder: str) -> tuple[set[str], set[str]]:
-    """The regular files and the symlinks in a mat/ subfolder: a symlink at a file's key is not its copy."""
-    files: set[str] = set()
-    links: set[str] = set()
-    try:
-        with os.scandir(folder) as it:
-            for d in it:
-                if d.is_symlink():
-                    links.add(d.name)
-                elif d.is_file(follow_symlinks=False):
-                    files.add(d.name)
-    except FileNotFoundError:
-        pass
-    return files, links
-
-
 def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
     """The shared read-only copy of this file's content with this metadata; created if missing."""
     path = mat_path(store, mat_key(e))
@@ -272,54 +361,42 @@ def ensure_mat(store: Store, e: Entry, dirty: set[Path]) -> Path:
     _real_dir(path.parent)
     dfd = os.open(path.parent.parent, DIR_FLAGS)
     try:
-        _make_mat(store, e, dfd, os.fspath(path), sync=True)  # no syncfs follows (boot files, repair)
+        _make_mat(store, e, dfd, os.fspath(path))
     finally:
         os.close(dfd)
     dirty.add(path.parent)
     return path
 
 
-def _make_mat(store: Store, e: Entry, mat_fd: int, path: str, sync: bool = False) -> None:
-    """Make one shared copy at `path` (in mat/, whose descriptor is `mat_fd`).
-
-    materialize() marks mat/ UNSYNCED before its copies and syncs the whole filesystem once after them: its
-    copies are made at their names directly (the cheapest way: an unnamed file linked in once complete cost
-    40% more per copy, 0.27 against 0.19 s for 5,000), and one a kill leaves half-made is removed by the
-    marker's sweep; one that fails is removed here. `sync` (a single copy, no marker: boot files, repair):
-    the copy is written as an unnamed inode (O_TMPFILE) in its subfolder, fsynced and linked in once
-    complete, so a killed command leaves nothing behind; where the filesystem has no O_TMPFILE, and for
-    symlinks, under a temp name in mat/ itself (not in its 256 subfolders: finding a killed command's
-    leftovers is then one listing, which every commit does) and renamed into place."""
+def _make_mat(store: Store, e: Entry, mat_fd: int, path: str) -> None:
+    """Make one shared copy at `path` (in mat/, whose descriptor is `mat_fd`), with no syncfs after it: it is
+    written as an unnamed inode (O_TMPFILE) in its subfolder, fsynced and linked in once complete, so a killed
+    command leaves nothing behind; where the filesystem has no O_TMPFILE, and for symlinks, under a temp name
+    in mat/ itself (not in its 256 subfolders: finding a killed command's leftovers is then one listing, which
+    every commit does) and renamed into place."""
     folder, name = os.path.split(path)
-    rel = f"{name[:2]}/{name}"
     tmp = f"{os.path.dirname(folder)}/{TMP_PREFIX}{name}"
     if e.type == SYMLINK:
-        _make_mat_symlink(e, path, tmp if sync else path)
+        _make_mat_symlink(e, path, tmp)
         return
-    own = os.geteuid() == 0
-    if sync:
-        fd, named = _create(folder, tmp)
-        made = tmp if named else None  # what to remove if this copy fails
-    else:
-        fd, made = _open_new(rel, mat_fd), rel
+    fd, named = _create(folder, tmp)
     try:
         try:
             _write_content(store.objects, fd, e)
-            _apply_fd(fd, e, own)
-            if sync:
-                os.fsync(fd)
+            _apply_fd(fd, e, os.geteuid() == 0)
+            os.fsync(fd)
             faults.point("materialize.before-mat-link")
-            if made is None:
-                _link_fd(fd, mat_fd, rel)
+            if not named:
+                _link_fd(fd, mat_fd, f"{name[:2]}/{name}")
         finally:
             os.close(fd)
     except BaseException as exc:
-        if made is not None:
-            os.unlink(made, dir_fd=mat_fd)
+        if named:
+            os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space(folder, exc, e.size) from exc
         raise
-    if sync and made is not None:
+    if named:
         os.rename(tmp, path)
 
 
@@ -363,8 +440,7 @@ def _link_fd(fd: int, dir_fd: int, name: str) -> None:
 
 
 def _make_mat_symlink(e: Entry, path: str, at: str) -> None:
-    """A shared symlink, made at `at` and renamed to `path` once it has its metadata (or made at `path` itself
-    when the two are the same: materialize()'s marked copies)."""
+    """A shared symlink, made at `at` and renamed to `path` once it has its metadata."""
     try:
         os.symlink(e.target, at)
     except FileExistsError:  # left by a killed command, or planted at the key
@@ -380,5 +456,4 @@ def _make_mat_symlink(e: Entry, path: str, at: str) -> None:
     finally:
         os.close(dfd)
     faults.point("materialize.before-mat-link")
-    if at != path:
-        os.rename(at, path)
+    os.rename(at, path)

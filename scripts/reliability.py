@@ -74,11 +74,11 @@ nfs_options = "ro,actimeo=120"
 # The fault points each command passes, in order (imgstore/faults.py; IMGSTORE_FAULT=<point>:kill).
 FAULT_POINTS: dict[str, list[str]] = {
     "commit": ["commit.before-flush", "commit.after-manifest", "commit.before-row", "commit.after-row"],
-    "materialize": ["materialize.before-mat-link", "materialize.before-sync"],
-    "rollout": ["materialize.before-mat-link", "materialize.before-sync", "rollout.before-row",
-                "deploy.before-switch", "apply.before-rename", "apply.before-link"],
-    "rollback": ["materialize.before-mat-link", "materialize.before-sync", "rollback.before-row",
-                 "deploy.before-switch", "apply.before-rename", "apply.before-link"],
+    "materialize": ["materialize.in-fill", "materialize.before-sync"],
+    "rollout": ["materialize.in-fill", "materialize.before-sync", "materialize.before-mat-link",
+                "rollout.before-row", "deploy.before-switch", "apply.before-rename", "apply.before-link"],
+    "rollback": ["materialize.in-fill", "materialize.before-sync", "materialize.before-mat-link",
+                 "rollback.before-row", "deploy.before-switch", "apply.before-rename", "apply.before-link"],
     "gc": ["gc.after-trees", "gc.after-rows", "gc.before-pack-delete", "gc.before-mat-sweep"],
 }
 COMMANDS = list(FAULT_POINTS)
@@ -307,7 +307,8 @@ def _write(path: Path, data: bytes, mtime: int) -> None:
 
 def make_chroots(base: Path, many: int = 0) -> list[Path]:
     """Four chroots, the states web@1..4 are committed from. Unique to c3: etc/motd, usr/lib/three.bin (a
-    loose object) and etc/x; c4 keeps etc/x (so gc must rewrite the pack it shares with c3's motd).
+    loose object), its kernel (so deploying web@3 makes a boot file's copy in mat/) and etc/x; c4 keeps etc/x
+    (so gc must rewrite the pack it shares with c3's motd).
     `many` more small files in c3's usr/lib/many/ make its tree slow to remove."""
     rng = random.Random(5)
     shared = rng.randbytes(1_500_000)
@@ -321,7 +322,7 @@ def make_chroots(base: Path, many: int = 0) -> list[Path]:
         _write(c / "usr/share/big", shared, t)
         for n in range(20):
             _write(c / f"usr/lib/small-{n:02}", f"library {n}\n".encode() * 40, t)
-        _write(c / "boot/vmlinuz-6.1.0-28-amd64", b"KERNEL" * 1000, t)
+        _write(c / "boot/vmlinuz-6.1.0-28-amd64", b"KERNEL" * 1000 + (b" 3" if i == 3 else b""), t)
         _write(c / "boot/initrd.img-6.1.0-28-amd64", b"INITRD" * 500, t)
         if i >= 3:
             _write(c / "etc/x", b"added in generation 3, kept in 4\n", t)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -442,12 +444,13 @@ def test_profile_rollout_renames_one_link_whatever_the_node_count(fleet: Path, c
     assert cli("status").returncode == 0
 
 
-def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_path: Path) -> None:
-    """Symlinks are hardlinks to one mat/ symlink per target and metadata; gc frees those no tree uses."""
+def test_materialized_trees_share_files_and_symlinks_and_stay_exact(fleet: Path, cli: Cli, tmp_path: Path) -> None:
+    """A tree links each file or symlink that an earlier tree has with the same content (target) and metadata,
+    found through that tree's index; other mtimes or contents are its own. gc frees what no tree links."""
     tree = tmp_path / "chroot"
     (tree / "usr/bin").mkdir(parents=True)
     os.symlink("../share/big", tree / "usr/bin/rel")
-    os.symlink("/usr/bin", tree / "usr/abs-dir")  # a shared link to a host directory: never followed
+    os.symlink("/usr/bin", tree / "usr/abs-dir")  # a link to a host directory: never followed
     os.symlink("../share/big", tree / "usr/bin/same-target")
     os.utime(tree / "usr/bin/same-target", ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
     for motd in ("four\n", "five\n"):
@@ -460,30 +463,39 @@ def test_materialized_symlinks_are_shared_and_exact(fleet: Path, cli: Cli, tmp_p
         assert cli("materialize", ref).returncode == 0
     t4, t5, t6 = (fleet / f"{_gen(cli, ref)['gen_id']}-web-rootfs" for ref in ("web@4", "web@5", "web@6"))
     rel4, rel5 = (t / "usr/bin/rel" for t in (t4, t5))
-    assert rel4.lstat().st_ino == rel5.lstat().st_ino and rel4.lstat().st_nlink == 4  # mat/ + 3 trees
+    assert rel4.lstat().st_ino == rel5.lstat().st_ino and rel4.lstat().st_nlink == 3  # 3 trees, nothing else
     assert os.readlink(rel4) == "../share/big" and rel4.read_bytes() == (t4 / "usr/share/big").read_bytes()
-    same = t4 / "usr/bin/same-target"  # same target, other mtime: its own shared symlink
+    big = [(t / "usr/share/big").stat() for t in (t4, t5, t6)]
+    assert len({st.st_ino for st in big}) == 1 and big[0].st_nlink == 3
+    motds = [(t / "etc/motd") for t in (t4, t5, t6)]
+    assert [m.read_text() for m in motds] == ["four\n", "five\n", "six\n"]
+    assert len({m.stat().st_ino for m in motds}) == 3
+    same = t4 / "usr/bin/same-target"  # same target, other mtime: its own symlink
     assert same.lstat().st_ino != rel4.lstat().st_ino
     assert same.lstat().st_mtime_ns == 1_000_000_000
     assert rel4.lstat().st_mtime_ns == (tree / "usr/bin/rel").lstat().st_mtime_ns
-    assert os.readlink(t4 / "usr/abs-dir") == "/usr/bin" and (t4 / "usr/abs-dir").lstat().st_nlink == 3
-    mat_links = {p for p in (fleet / "mat").rglob("*") if p.is_symlink()}
-    assert len(mat_links) == 3
+    assert os.readlink(t4 / "usr/abs-dir") == "/usr/bin" and (t4 / "usr/abs-dir").lstat().st_nlink == 2
+    assert sorted(p.name for p in fleet.glob("*.keys")) == sorted(f"{t.name}.keys" for t in (t4, t5, t6))
+    assert not (fleet / "mat").exists()  # nothing in mat/ but boot files and repaired files
     assert cli("verify").returncode == 0
     assert cli("rollout", "web@6").returncode == 0
-    assert cli("gc", "--keep", "0").returncode == 0  # only web@6 stays: the link to /usr/bin goes
-    remaining = {os.readlink(p) for p in (fleet / "mat").rglob("*") if p.is_symlink()}
-    assert remaining == {"../share/big"}
+    r = cli("gc", "--keep", "0", "--json")  # only web@6 stays
+    assert r.returncode == 0, r.stderr
+    assert not t4.exists() and not t5.exists() and sorted(p.name for p in fleet.glob("*.keys")) == [f"{t6.name}.keys"]
+    assert (t6 / "usr/bin/rel").lstat().st_nlink == 1 and (t6 / "usr/share/big").stat().st_nlink == 1
+    # What gc reports freed counts each file once, when its last link goes: web@4's and web@5's own motd and
+    # the symlinks only they had, not the big file web@6 still links.
+    assert json.loads(r.stdout)["bytes_freed"] < (t6 / "usr/share/big").stat().st_size
     assert os.path.isdir("/usr/bin") and t6.is_dir()
+    assert cli("verify").returncode == 0
 
 
-def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Path, cli: Cli) -> None:
-    """Shared copies are made by two processes (forkjoin), block by block, each at its name in mat/ (the marker
-    covers them until the syncfs): the tree equals a checkout, every copy is linked into it, and nothing
-    temporary is left in mat/."""
+def test_materialize_makes_files_from_many_blocks_in_two_processes_exact(tmp_path: Path, cli: Cli) -> None:
+    """The files are made in the tree by two processes (forkjoin), block by block: the tree equals a checkout,
+    its index names one path per key, and nothing temporary is left in the store."""
     from treeutil import diff_snapshots, snapshot
 
-    from imgstore import generations
+    from imgstore import browse, generations
     from imgstore import materialize as mat
     from imgstore.locking import store_lock
     from imgstore.store import Store
@@ -502,6 +514,9 @@ def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Pa
     os.link(tree / "usr/lib/d0/f1", tree / "usr/lib/hardlink")
     os.symlink("d1/f2", tree / "usr/lib/link")
     (tree / "empty").write_bytes(b"")
+    (tree / "empty2").write_bytes(b"")  # same content and metadata: one file, two links
+    st = (tree / "empty").stat()
+    os.utime(tree / "empty2", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert cli("init").returncode == 0
     (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
     r = cli("commit", tree, "-p", "web", "--no-kernel", "-m", "many")
@@ -517,140 +532,140 @@ def test_materialize_copies_from_many_blocks_in_two_processes_exact(tmp_path: Pa
     assert cli("checkout", "web@latest", tmp_path / "co").returncode == 0
     strip = lambda s: {k: {a: b for a, b in v.items() if a != "link_group"} for k, v in s.items()}  # noqa: E731
     assert diff_snapshots(strip(snapshot(tmp_path / "co")), strip(snapshot(path))) == []
-    copies = [p for p in (root / "mat").rglob("*") if not p.is_dir()]
-    assert len(copies) == 12 * 60 + 3  # the small files (the hardlink is one of them), big, empty, the symlink
-    assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []  # no temp names left
-    assert all(p.lstat().st_nlink >= 2 for p in copies)
-    assert not (root / mat.MAT / mat.UNSYNCED).exists()
+    assert (path / "empty").stat().st_ino == (path / "empty2").stat().st_ino
+    assert (path / "usr/lib/hardlink").stat().st_ino == (path / "usr/lib/d0/f1").stat().st_ino
+    import zstandard
+
+    records = zstandard.ZstdDecompressor().decompress(mat.keys_path(path).read_bytes()).split(b"\0")[:-1]
+    index = dict(r.split(b" ", 1) for r in records)
+    es = [e for e in browse.entries(store, gen) if e.type in ("f", "l")]
+    assert len(index) == len(records) == len({mat.mat_key(e) for e in es}) == 12 * 60 + 3  # big, link, empty (twice)
+    assert all(index[mat.mat_key(e).encode()] in (e.path, b"empty") for e in es)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # no temp names left
+    assert not (root / "mat").exists()
     assert cli("verify").returncode == 0
 
 
-def _single_copies(root: Path) -> list[Path]:
-    """Shared copies that no tree links (one link); not the UNSYNCED marker, which has one link too."""
-    from imgstore.materialize import UNSYNCED
-
-    return [p for p in (root / "mat").rglob("*")
-            if not p.is_dir() and p.lstat().st_nlink == 1 and p.name != UNSYNCED]
-
-
-def test_a_copy_cut_short_by_a_kill_or_an_error_is_never_used(tmp_path: Path, cli: Cli) -> None:
-    """materialize makes each copy at its name: a kill half-way leaves it there, with the marker, and the next
-    command sweeps it; an error half-way (damaged data) removes it at once. Either way the tree that is
-    finally made is exact and nothing is left that no tree links."""
+def test_a_materialize_cut_short_by_a_kill_or_an_error_leaves_nothing(fleet: Path, cli: Cli) -> None:
+    """A kill before the syncfs leaves a staging tree and index under temp names, which the next command removes
+    (never reused: their data may not have reached the disk); an error half-way (damaged data) removes them at
+    once. Either way the tree finally made is exact, and an earlier tree is never touched."""
     from imgstore import browse, generations
-    from imgstore import materialize as mat
     from imgstore.store import Store
 
-    tree = tmp_path / "chroot"
-    (tree / "etc").mkdir(parents=True)
-    for i in range(40):
-        (tree / f"etc/f{i}").write_bytes(b"%d " % i * (50 + i))
-    (tree / "etc/big").write_bytes(bytes(range(256)) * 8192)  # 2 MB: a loose object
-    assert cli("init").returncode == 0
-    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
-    assert cli("commit", tree, "-p", "web", "--no-kernel", "-m", "one").returncode == 0
-    root = tmp_path / "store"
-
-    r = cli("materialize", "web@1", env={"IMGSTORE_FAULT": "materialize.before-mat-link:kill"})
+    assert cli("materialize", "web@1").returncode == 0
+    t1 = fleet / f"{_gen(cli, 'web@1')['gen_id']}-web-rootfs"
+    before = sorted(p.name for p in fleet.iterdir())
+    inode = (t1 / "usr/share/big").stat().st_ino
+    r = cli("materialize", "web@2", env={"IMGSTORE_FAULT": "materialize.before-sync:kill"})
     assert r.returncode == -9, r.stderr
-    assert (root / mat.MAT / mat.UNSYNCED).exists() and _single_copies(root)  # named, half-made, unlinked
-    r = cli("materialize", "web@1")
+    temps = sorted(p.name for p in fleet.iterdir() if p.name.startswith("."))
+    assert len(temps) == 2 and any(t.endswith("-rootfs.keys") for t in temps), temps
+    r = cli("materialize", "web@2")
     assert r.returncode == 0, r.stderr
-    assert _single_copies(root) == [] and not (root / mat.MAT / mat.UNSYNCED).exists()
+    assert not any(p.name.startswith(".") for p in fleet.iterdir())
+    t2 = fleet / f"{_gen(cli, 'web@2')['gen_id']}-web-rootfs"
+    assert (t2 / "etc/motd").read_text() == "two\n" and (t2 / "usr/share/big").stat().st_ino == inode
     assert cli("verify").returncode == 0
 
-    # An error while writing a copy: the loose object's data damaged (its size kept).
-    store = Store.open(root)
+    # An error while writing a file: a loose object's data damaged (its size kept).
+    tree = fleet.parent / "chroot"
+    (tree / "etc/big").write_bytes(bytes(range(256)) * 8192)  # 2 MB: a loose object
+    assert cli("commit", tree, "-p", "web", "-m", "four").returncode == 0
+    store = Store.open(fleet)
     with store.engine.connect() as conn:
-        gen = generations.resolve(conn, "web@1")
+        gen = generations.resolve(conn, "web@4")
     big = next(e for e in browse.entries(store, gen) if e.path == b"etc/big")
-    tree_path = mat.tree_path(store, gen)
-    mat.remove_tree(tree_path)
-    assert cli("gc", "--keep", "1").returncode == 0  # its copies go with the tree
-    assert _single_copies(root) == [] and not mat.mat_path(store, mat.mat_key(big)).exists()
     loose = store.objects.loose_path(big.digest)
     data = bytearray(loose.read_bytes())
     data[len(data) // 2] ^= 0xFF
     os.chmod(loose, 0o644)
     loose.write_bytes(bytes(data))
-    r = cli("materialize", "web@1")
+    r = cli("materialize", "web@4")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert not os.path.lexists(mat.mat_path(store, mat.mat_key(big)))  # the half-made copy was removed
-    # And every copy the failed run made: had the other process been killed by the error, its copy in the
-    # making would be half-made at its name.
-    assert _single_copies(root) == []
-    assert not tree_path.exists() and not (root / mat.MAT / mat.UNSYNCED).exists()
+    assert sorted(p.name for p in fleet.iterdir()) == sorted(before + [t2.name, f"{t2.name}.keys"])
+    assert (t1 / "usr/share/big").stat().st_ino == inode
 
 
-@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temp"])
-def test_a_single_copy_is_complete_before_it_has_its_name(tmp_path: Path, cli: Cli, unnamed: bool,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A copy made alone (boot files, repair: no marker, no syncfs after it) is an unnamed file linked in once
-    complete, or, where a filesystem has no O_TMPFILE, a temp file renamed into place; a symlink planted at its
-    key is replaced, not followed. Nothing temporary is left either way."""
-    from imgstore import browse, generations
+def test_an_index_that_lies_or_a_tree_changed_by_hand_costs_a_copy_never_a_wrong_file(fleet: Path, cli: Cli,
+                                                                                      tmp_path: Path) -> None:
+    """A new tree links from an earlier one only what is there as its index says (type, owner, mode, size,
+    mtime), through no symlink and no '..': otherwise it makes its own copy. A stale index (its tree gone)
+    is removed by the next command; a legacy mat/ marker still sweeps the copies no tree links."""
     from imgstore import materialize as mat
-    from imgstore.locking import store_lock
-    from imgstore.store import Store
-
-    tree = tmp_path / "chroot"
-    (tree / "boot").mkdir(parents=True)
-    (tree / "boot/vmlinuz").write_bytes(os.urandom(5000))
-    os.chmod(tree / "boot/vmlinuz", 0o600)
-    os.symlink("vmlinuz", tree / "boot/link")
-    assert cli("init").returncode == 0
-    (tmp_path / "store/profiles/web.toml").write_text(PROFILE)
-    assert cli("commit", tree, "-p", "web", "--no-kernel", "-m", "one").returncode == 0
-    root = tmp_path / "store"
-    monkeypatch.setattr(mat, "_tmpfile", [unnamed])
-    store = Store.open(root)
-    with store.engine.connect() as conn:
-        gen = generations.resolve(conn, "web@1")
-    es = {e.path: e for e in browse.entries(store, gen)}
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"not ours")
-    planted = mat.mat_path(store, mat.mat_key(es[b"boot/vmlinuz"]))
-    planted.parent.mkdir(parents=True)
-    os.symlink(victim, planted)
-    dirty: set[Path] = set()
-    with store_lock(root, "test"):
-        copy = mat.ensure_mat(store, es[b"boot/vmlinuz"], dirty)
-        link = mat.ensure_mat(store, es[b"boot/link"], dirty)
-    assert copy == planted and not copy.is_symlink() and copy.read_bytes() == (tree / "boot/vmlinuz").read_bytes()
-    assert stat.S_IMODE(copy.stat().st_mode) == 0o600 and victim.read_bytes() == b"not ours"
-    assert os.readlink(link) == "vmlinuz"
-    assert mat._tmpfile == [unnamed] and dirty == {copy.parent, link.parent}
-    assert [p.name for p in (root / "mat").iterdir() if not p.is_dir()] == []
-
-
-def test_copies_of_a_materialize_cut_before_its_sync_are_not_trusted(fleet: Path, cli: Cli) -> None:
-    """A power cut during materialize can keep a copy's name in mat/ and lose its data (copies are named before
-    the syncfs that makes them durable). The marker written before the first copy makes the next command
-    sweep every copy no tree links; copies of finished trees stay."""
-    from imgstore import browse, generations
-    from imgstore import materialize as mat
-    from imgstore.store import Store
 
     assert cli("materialize", "web@1").returncode == 0
-    store = Store.open(fleet)
-    with store.engine.connect() as conn:
-        gen = generations.resolve(conn, "web@2")
-    motd = next(e for e in browse.entries(store, gen) if e.path == b"etc/motd")
-    copy = mat.mat_path(store, mat.mat_key(motd))
-    assert not copy.exists()
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    copy.write_bytes(b"")  # the name survived, the data did not
+    t1 = fleet / f"{_gen(cli, 'web@1')['gen_id']}-web-rootfs"
+    secret = tmp_path / "outside/secret"
+    secret.parent.mkdir()
+    secret.write_bytes((t1 / "usr/share/big").read_bytes())
+    shutil.copystat(t1 / "usr/share/big", secret)  # looks right: only its path could tell
+    os.rename(t1 / "usr/share", t1 / "usr/share-real")
+    os.symlink(secret.parent, t1 / "usr/share")  # the tree's usr/share now leads outside
+    kernel, initrd = "boot/vmlinuz-6.1.0-28-amd64", "boot/initrd.img-6.1.0-28-amd64"
+    os.chmod(t1 / kernel, 0o600)  # changed by hand: no longer what the index says
+    keys = mat.keys_path(t1)
+    import zstandard
+
+    data = zstandard.ZstdDecompressor().decompress(keys.read_bytes())
+    lie = f" ../{t1.name}/{initrd}\0".encode()
+    assert f" {initrd}\0".encode() in data
+    data = data.replace(f" {initrd}\0".encode(), lie)  # an index that lies (about the right file, by '..')
+    keys.write_bytes(zstandard.ZstdCompressor().compress(data))
+    legacy = fleet / "mat/ab/abcd"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"a copy an earlier imgstore made, linked by no tree")
     (fleet / mat.MAT / mat.UNSYNCED).write_bytes(b"")
-    big = fleet / f"{_gen(cli, 'web@1')['gen_id']}-web-rootfs" / "usr/share/big"
-    inode = big.stat().st_ino
+    stale = fleet / ("0" * 64 + "-web-rootfs.keys")
+    stale.write_bytes(keys.read_bytes())
 
     r = cli("materialize", "web@2")
     assert r.returncode == 0, r.stderr
-    tree = fleet / f"{_gen(cli, 'web@2')['gen_id']}-web-rootfs"
-    assert (tree / "etc/motd").read_text() == "two\n"
-    assert (tree / "usr/share/big").stat().st_ino == inode  # web@1's tree and its copies were kept
-    assert not (fleet / mat.MAT / mat.UNSYNCED).exists()
-    assert cli("verify").returncode == 0
+    t2 = fleet / f"{_gen(cli, 'web@2')['gen_id']}-web-rootfs"
+    assert (t2 / "usr/share/big").stat().st_ino != secret.stat().st_ino and secret.stat().st_nlink == 1
+    assert (t2 / kernel).stat().st_ino != (t1 / kernel).stat().st_ino
+    assert stat.S_IMODE((t2 / kernel).stat().st_mode) == 0o644
+    assert (t2 / initrd).stat().st_ino != (t1 / initrd).stat().st_ino  # never reached through '..'
+    assert (t2 / initrd).read_bytes() == (t1 / initrd).read_bytes()
+    assert not stale.exists() and not legacy.exists() and not (fleet / mat.MAT / mat.UNSYNCED).exists()
+    r = cli("verify", "--json")  # web@1's tree was changed by hand above; web@2's is exact
+    assert r.returncode == 6 and {g for p in json.loads(r.stdout)["problems"] for g in p["generations"]} == {"web@1"}
+
+
+def test_a_file_with_as_many_links_as_the_filesystem_allows_gets_a_new_copy(tmp_path: Path) -> None:
+    """ext4 allows 65,000 links to one file: past that, restore makes a new file instead of failing."""
+    from imgstore import checkout
+    from imgstore.manifest import FILE, Entry
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"")
+    os.chmod(src / "f", 0o644)
+    os.utime(src / "f", ns=(10**9, 10**9))
+    many = tmp_path / "many"
+    many.mkdir()
+    try:
+        for i in range(70_000):
+            os.link(src / "f", many / str(i))
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+    else:
+        pytest.skip("this filesystem has no link limit below 70,000")
+    e = Entry(path=b"g", type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=10**9, size=0,
+              digest="0" * 64)
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    dest = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert checkout._link((fd, b"f"), checkout._SourceDir(), e, dest, b"g") is False
+        os.unlink(many / "0")
+        cache = checkout._SourceDir()
+        assert checkout._link((fd, b"f"), cache, e, dest, b"g") is True
+        cache.close()
+    finally:
+        os.close(fd)
+        os.close(dest)
+    assert (tmp_path / "g").stat().st_ino == (src / "f").stat().st_ino
 
 
 def test_boot_file_copies_are_durable_before_they_are_named(tmp_path: Path, cli: Cli) -> None:
