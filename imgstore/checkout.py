@@ -149,25 +149,36 @@ def restore(
 
 
 class _SourceDir:
-    """The directory of the last file linked from, kept open: the manifest's order makes most links hit it."""
+    """Directories of the trees files are linked from, opened one component at a time (no symlink followed)
+    and kept open along the path of the last one: in the manifest's depth-first order, each is opened once."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, bytes] | None = None
-        self.fd = -1
+        self.open_paths: dict[int, list[tuple[bytes, int]]] = {}  # root fd -> [(path below it, fd)], a path
 
     def open(self, root_fd: int, parent: bytes) -> int:
-        if self.key != (root_fd, parent):
-            self.close()
-            if b".." in parent.split(b"/"):
-                raise OSError(errno.EINVAL, "'..' in a source path")
-            self.fd = open_dir(root_fd, parent)  # no symlink followed on the way
-            self.key = (root_fd, parent)
-        return self.fd
+        if not parent:
+            return root_fd
+        stack = self.open_paths.setdefault(root_fd, [])
+        if stack and stack[-1][0] == parent:
+            return stack[-1][1]
+        if b".." in parent.split(b"/"):
+            raise OSError(errno.EINVAL, "'..' in a source path")
+        while stack and stack[-1][0] != parent and not parent.startswith(stack[-1][0] + b"/"):
+            os.close(stack.pop()[1])
+        path, fd = stack[-1] if stack else (b"", root_fd)
+        if path == parent:
+            return fd
+        for part in (parent[len(path) + 1:] if path else parent).split(b"/"):
+            fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            path = path + b"/" + part if path else part
+            stack.append((path, fd))
+        return fd
 
     def close(self) -> None:
-        if self.key is not None and self.fd != self.key[0]:
-            os.close(self.fd)
-        self.key, self.fd = None, -1
+        for stack in self.open_paths.values():
+            for _, fd in stack:
+                os.close(fd)
+        self.open_paths.clear()
 
 
 def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd: int, name: bytes) -> bool:

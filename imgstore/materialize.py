@@ -26,7 +26,7 @@ from pathlib import Path
 import blake3
 import zstandard
 
-from . import faults
+from . import faults, generations
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
 from .durable import (
@@ -40,7 +40,7 @@ from .durable import (
     remove_tree,
     syncfs,
 )
-from .errors import IntegrityError
+from .errors import ImgstoreError, IntegrityError
 from .forkjoin import run_split
 from .generations import Generation
 from .manifest import DIR, FILE, SYMLINK, Entry
@@ -181,6 +181,7 @@ class _Earlier:
         self.index: dict[bytes, tuple[int, bytes]] = {}
 
     def __enter__(self) -> _Earlier:
+        _index_unindexed(self.store)
         for keys in sorted(self.store.root.glob(f"*-rootfs{KEYS}"), key=lambda p: p.name):
             tree = keys.with_name(keys.name[: -len(KEYS)])
             if tree == self.final or keys.name.startswith(TMP_PREFIX):
@@ -206,6 +207,30 @@ class _Earlier:
 
     def find(self, key: str) -> tuple[int, bytes] | None:
         return self.index.get(key.encode())
+
+
+def _index_unindexed(store: Store) -> None:
+    """Write the index of each tree an earlier imgstore made without one (its files link to copies in mat/),
+    from its generation's manifest, so that new trees share its files rather than copy them all. Once per
+    tree; one whose generation or manifest cannot be read stays without (it is then not shared from)."""
+    trees = [p for p in store.root.glob("*-rootfs") if not p.name.startswith(TMP_PREFIX)
+             and not os.path.lexists(keys_path(p)) and _is_real_dir(p)]
+    if not trees:
+        return
+    with store.engine.connect() as conn:
+        for tree in trees:
+            try:
+                es = manifest_entries(store, generations.resolve(conn, tree.name[:64], tree.name[65:-7]))
+            except ImgstoreError:
+                continue
+            keys: dict[str, bytes] = {}
+            for e in es:
+                if e.type == FILE or e.type == SYMLINK:
+                    keys.setdefault(mat_key(e), e.path)
+            tmp = store.root / f"{TMP_PREFIX}{tree.name}{KEYS}"
+            _write_keys(tmp, keys, sync=True)
+            os.rename(tmp, keys_path(tree))
+    fsync_dir(store.root)
 
 
 def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
@@ -294,12 +319,15 @@ def _in_parent(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes]]:
         os.close(fd)
 
 
-def _write_keys(path: Path, keys: dict[str, bytes]) -> None:
-    """The tree's index: for each key, one path of the tree that has it (zstd; records `<key> <path>\\0`).
-    Written unsynced: the syncfs before the tree is renamed into place covers it."""
+def _write_keys(path: Path, keys: dict[str, bytes], sync: bool = False) -> None:
+    """A tree's index: for each key, one path of the tree that has it (zstd; records `<key> <path>\\0`).
+    Unsynced unless `sync`: the syncfs before a new tree is renamed into place covers it."""
     data = b"".join(b"%s %s\0" % (k.encode(), p) for k, p in keys.items())
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
         f.write(zstandard.ZstdCompressor(level=1).compress(data))
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

@@ -632,6 +632,23 @@ def test_an_index_that_lies_or_a_tree_changed_by_hand_costs_a_copy_never_a_wrong
     assert r.returncode == 6 and {g for p in json.loads(r.stdout)["problems"] for g in p["generations"]} == {"web@1"}
 
 
+def test_a_tree_made_without_an_index_is_indexed_once_and_shared_from(fleet: Path, cli: Cli) -> None:
+    """Trees an earlier imgstore made have no index: the next materialize writes theirs from the manifest,
+    so a store upgraded in place does not copy a whole tree again for its next generation."""
+    from imgstore import materialize as mat
+
+    assert cli("materialize", "web@1").returncode == 0
+    t1 = fleet / f"{_gen(cli, 'web@1')['gen_id']}-web-rootfs"
+    index = mat.keys_path(t1).read_bytes()
+    mat.keys_path(t1).unlink()
+    r = cli("materialize", "web@2")
+    assert r.returncode == 0, r.stderr
+    t2 = fleet / f"{_gen(cli, 'web@2')['gen_id']}-web-rootfs"
+    assert mat.keys_path(t1).read_bytes() == index  # the same index materialize wrote, from the manifest
+    assert (t2 / "usr/share/big").stat().st_ino == (t1 / "usr/share/big").stat().st_ino
+    assert not any(p.name.startswith(".") for p in fleet.iterdir())
+
+
 def test_a_file_with_as_many_links_as_the_filesystem_allows_gets_a_new_copy(tmp_path: Path) -> None:
     """ext4 allows 65,000 links to one file: past that, restore makes a new file instead of failing."""
     from imgstore import checkout
