@@ -76,7 +76,8 @@ def mat_path(store: Store, key: str) -> Path:
 
 
 def discard_stale(store: Store) -> list[str]:
-    """Remove temp trees and mat temp files; call with the store lock held (so nothing is writing them)."""
+    """Remove temp trees, indexes whose tree is gone and mat temp files; call with the store lock held (so
+    nothing is writing them)."""
     gone = []
     for p in store.root.iterdir():
         if p.name.startswith(TMP_PREFIX):
@@ -94,7 +95,8 @@ def discard_stale(store: Store) -> list[str]:
         if n:
             gone.append(f"{folder}/ ({n} temp files)")
     if os.path.lexists(store.root / MAT / UNSYNCED):
-        # A materialize stopped before its syncfs: the copies no tree links (the ones it made among them) go.
+        # An earlier imgstore's materialize stopped before its syncfs: the copies no tree links (the ones it
+        # made among them) go.
         n = sweep_mat(store)[0]
         gone.append(f"{MAT}/ ({n} copies made before a crash)")
     n = remove_stale_temps(store.root / MAT)
