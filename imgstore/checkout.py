@@ -102,7 +102,7 @@ def restore(
                 if made is not None and id(e) in made:
                     pass  # made already (materialize's two processes)
                 elif (e.type == FILE or e.type == SYMLINK) and link_source and _link(link_source(e), sources, e,
-                                                                                      pfd, name):
+                                                                                      pfd, name, own):
                     pass
                 elif e.type == FILE:
                     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -181,11 +181,12 @@ class _SourceDir:
         self.open_paths.clear()
 
 
-def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd: int, name: bytes) -> bool:
+def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd: int, name: bytes,
+          own: bool) -> bool:
     """Hardlink `name` in dir_fd to source = (directory fd, path below it) if it is the file or symlink `e`
-    describes (type, owner, mode, size, mtime: a source changed by hand, or an index that lies, costs a new
-    file, never a wrong one). False where there is none, or where it has as many links as the filesystem
-    allows (EMLINK: ext4's 65,000)."""
+    describes (type, owner where `own`, mode, size, mtime: a source changed by hand, or an index that lies,
+    costs a new file, never a wrong one). False where there is none, or where it has as many links as the
+    filesystem allows (EMLINK: ext4's 65,000)."""
     if source is None:
         return False
     parent, _, base = source[1].rpartition(b"/")
@@ -195,7 +196,7 @@ def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd:
     except (OSError, ValueError):
         return False
     kind, size = (stat.S_IFREG, e.size) if e.type == FILE else (stat.S_IFLNK, len(e.target))
-    if (stat.S_IFMT(st.st_mode) != kind or st.st_size != size or st.st_uid != e.uid or st.st_gid != e.gid
+    if (stat.S_IFMT(st.st_mode) != kind or st.st_size != size or own and (st.st_uid != e.uid or st.st_gid != e.gid)
             or st.st_mtime_ns != e.mtime_ns or (kind == stat.S_IFREG and stat.S_IMODE(st.st_mode) != e.mode)):
         return False
     try:

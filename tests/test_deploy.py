@@ -632,6 +632,57 @@ def test_an_index_that_lies_or_a_tree_changed_by_hand_costs_a_copy_never_a_wrong
     assert r.returncode == 6 and {g for p in json.loads(r.stdout)["problems"] for g in p["generations"]} == {"web@1"}
 
 
+def test_a_source_is_linked_only_if_it_is_what_its_entry_says(tmp_path: Path) -> None:
+    """checkout._link checks type, mode, size, mtime, and the owner where the tree's files get their owners
+    (as root): a materialize by another user makes its files its own, and still shares them."""
+    from imgstore import checkout
+    from imgstore.manifest import FILE, SYMLINK, Entry
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_bytes(b"12345")
+    os.chmod(src / "d/f", 0o640)
+    os.utime(src / "d/f", ns=(10**9, 10**9))
+    os.symlink("f", src / "d/l")
+    os.utime(src / "d/l", ns=(10**9, 10**9), follow_symlinks=False)
+    os.symlink("d", src / "via")  # a path through it must not be followed
+    f = Entry(path=b"x", type=FILE, mode=0o640, uid=os.getuid(), gid=os.getgid(), mtime_ns=10**9, size=5,
+              digest="0" * 64)
+    other = Entry(path=b"x", type=FILE, mode=0o640, uid=os.getuid() + 1, gid=os.getgid(), mtime_ns=10**9,
+                  size=5, digest="0" * 64)
+    wrong_mode = Entry(path=b"x", type=FILE, mode=0o644, uid=os.getuid(), gid=os.getgid(), mtime_ns=10**9,
+                       size=5, digest="0" * 64)
+    link = Entry(path=b"x", type=SYMLINK, mode=0o777, uid=os.getuid(), gid=os.getgid(), mtime_ns=10**9,
+                 target=b"f")
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    dest = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    cache = checkout._SourceDir()
+    try:
+        cases = [
+            ((fd, b"d/f"), f, True, True),
+            ((fd, b"d/f"), other, True, False),  # another owner, as root: not the same file
+            ((fd, b"d/f"), other, False, True),  # not root: files are the user's own whatever the entry says
+            ((fd, b"d/f"), wrong_mode, True, False),
+            ((fd, b"d/f"), link, True, False),  # a file where a symlink is meant
+            ((fd, b"d/l"), link, True, True),
+            ((fd, b"via/f"), f, True, False),  # through a symlink
+            ((fd, b"d/../d/f"), f, True, False),  # through '..'
+            ((fd, b"d/missing"), f, True, False),
+            (None, f, True, False),
+        ]
+        for n, (source, e, own, linked) in enumerate(cases):
+            assert checkout._link(source, cache, e, dest, b"n%d" % n, own) is linked, (n, source)
+            assert os.path.lexists(out / f"n{n}") is linked, n
+    finally:
+        cache.close()
+        os.close(fd)
+        os.close(dest)
+    assert (out / "n0").stat().st_ino == (src / "d/f").stat().st_ino
+    assert os.readlink(out / "n5") == "f"
+
+
 def test_a_tree_made_without_an_index_is_indexed_once_and_shared_from(fleet: Path, cli: Cli) -> None:
     """Trees an earlier imgstore made have no index: the next materialize writes theirs from the manifest,
     so a store upgraded in place does not copy a whole tree again for its next generation."""
@@ -674,10 +725,10 @@ def test_a_file_with_as_many_links_as_the_filesystem_allows_gets_a_new_copy(tmp_
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
     dest = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert checkout._link((fd, b"f"), checkout._SourceDir(), e, dest, b"g") is False
+        assert checkout._link((fd, b"f"), checkout._SourceDir(), e, dest, b"g", True) is False
         os.unlink(many / "0")
         cache = checkout._SourceDir()
-        assert checkout._link((fd, b"f"), cache, e, dest, b"g") is True
+        assert checkout._link((fd, b"f"), cache, e, dest, b"g", True) is True
         cache.close()
     finally:
         os.close(fd)
