@@ -185,8 +185,8 @@ def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd:
           own: bool) -> bool:
     """Hardlink `name` in dir_fd to source = (directory fd, path below it) if it is the file or symlink `e`
     describes (type, owner where `own`, mode, size, mtime: a source changed by hand, or an index that lies,
-    costs a new file, never a wrong one). False where there is none, or where it has as many links as the
-    filesystem allows (EMLINK: ext4's 65,000)."""
+    costs a new file, never a wrong one). False where there is none, where it has as many links as the
+    filesystem allows (EMLINK: ext4's 65,000), or where it may not be linked (EPERM)."""
     if source is None:
         return False
     parent, _, base = source[1].rpartition(b"/")
@@ -202,9 +202,9 @@ def _link(source: tuple[int, bytes] | None, cache: _SourceDir, e: Entry, dir_fd:
     try:
         os.link(base, name, src_dir_fd=sfd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno != errno.EMLINK:
+        if exc.errno not in (errno.EMLINK, errno.EPERM):
             raise
-        return False
+        return False  # at the link limit, or not ours to link (protected_hardlinks, an immutable file)
     return True
 
 

@@ -681,6 +681,17 @@ def test_a_source_is_linked_only_if_it_is_what_its_entry_says(tmp_path: Path) ->
         os.close(dest)
     assert (out / "n0").stat().st_ino == (src / "d/f").stat().st_ino
     assert os.readlink(out / "n5") == "f"
+    # A file that may not be linked (immutable here; another user's under protected_hardlinks): a new copy.
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", src / "d/f"]).returncode == 0:
+        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        dest = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert checkout._link((fd, b"d/f"), checkout._SourceDir(), f, dest, b"immutable", True) is False
+        finally:
+            os.close(fd)
+            os.close(dest)
+            subprocess.run(["chattr", "-i", src / "d/f"], check=True)
+        assert not os.path.lexists(out / "immutable")
 
 
 def test_a_tree_made_without_an_index_is_indexed_once_and_shared_from(fleet: Path, cli: Cli) -> None:
