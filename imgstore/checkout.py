@@ -104,14 +104,8 @@ def restore(
                 elif (e.type == FILE or e.type == SYMLINK) and link_source and _link(link_source(e), sources, e,
                                                                                       pfd, name, own):
                     pass
-                elif e.type == FILE:
-                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=pfd)
-                    try:
-                        _write_content(objects, fd, e)
-                        _apply_fd(fd, e, own)
-                    finally:
-                        os.close(fd)
+                elif e.type == FILE or e.type == SYMLINK:
+                    make_new(objects, pfd, name, e, own)
                 elif e.type == HARDLINK:
                     tparent, _, tname = e.target.rpartition(b"/")
                     sfd = open_dir(root_fd, tparent)
@@ -120,9 +114,6 @@ def restore(
                     finally:
                         if sfd != root_fd:
                             os.close(sfd)
-                elif e.type == SYMLINK:
-                    os.symlink(e.target, name, dir_fd=pfd)
-                    _apply_path(pfd, name, e, own, symlink=True)
                 elif e.type in (CHAR, BLOCK, FIFO):
                     kind = {CHAR: 0o020000, BLOCK: 0o060000, FIFO: 0o010000}[e.type]
                     os.mknod(name, kind | 0o600, os.makedev(*e.rdev), dir_fd=pfd)
@@ -146,6 +137,20 @@ def restore(
         for _, fd, _ in stack:
             os.close(fd)
     return CheckoutResult(len(entries), nfiles, nbytes)
+
+
+def make_new(objects: ObjectStore, dir_fd: int, name: bytes, e: Entry, own: bool) -> None:
+    """A new regular file (its content, then its metadata) or symlink `name` in dir_fd."""
+    if e.type == SYMLINK:
+        os.symlink(e.target, name, dir_fd=dir_fd)
+        _apply_path(dir_fd, name, e, own, symlink=True)
+        return
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        _write_content(objects, fd, e)
+        _apply_fd(fd, e, own)
+    finally:
+        os.close(fd)
 
 
 class _SourceDir:

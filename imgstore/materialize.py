@@ -19,7 +19,6 @@ import contextlib
 import errno
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import zstandard
 
 from . import faults, generations
 from .browse import entries as manifest_entries
-from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
+from .checkout import _apply_fd, _apply_path, _write_content, check_objects, make_new, restore
 from .durable import (
     DIR_FLAGS,
     LONG_PATH,
@@ -40,7 +39,7 @@ from .durable import (
     remove_tree,
     syncfs,
 )
-from .errors import ImgstoreError, IntegrityError
+from .errors import ImgstoreError
 from .forkjoin import run_split
 from .generations import Generation
 from .manifest import DIR, FILE, SYMLINK, Entry
@@ -152,9 +151,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
                 check_objects(store.objects, es)  # before the first write (a source found changed is made anew)
                 _make_dirs(es, root_fd)
                 _fill(store, make, root_fd)
-                with _writing_back(store.root, bool(make)):
-                    restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make},
-                            link_source=lambda e: sources.get(id(e)))
+                restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make},
+                        link_source=lambda e: sources.get(id(e)))
             _write_keys(keys_tmp, keys)
         finally:
             os.close(root_fd)
@@ -189,12 +187,8 @@ class _Earlier:
             if tree == self.final or keys.name.startswith(TMP_PREFIX):
                 continue
             try:
+                data = zstandard.ZstdDecompressor().decompress(keys.read_bytes())
                 fd = os.open(tree, DIR_FLAGS)
-                try:
-                    data = zstandard.ZstdDecompressor().decompress(keys.read_bytes())
-                except BaseException:
-                    os.close(fd)
-                    raise
             except (OSError, zstandard.ZstdError):
                 continue  # its tree is gone (discard_stale removes the index) or the index is unreadable
             self.fds.append(fd)
@@ -207,10 +201,6 @@ class _Earlier:
         for fd in self.fds:
             os.close(fd)
 
-    def find(self, key: str) -> tuple[int, bytes] | None:
-        return self.index.get(key.encode())
-
-
 def _index_unindexed(store: Store) -> None:
     """Write the index of each tree an earlier imgstore made without one (its files link to copies in mat/),
     from its generation's manifest, so that new trees share its files rather than copy them all. Once per
@@ -222,7 +212,7 @@ def _index_unindexed(store: Store) -> None:
     with store.engine.connect() as conn:
         for tree in trees:
             try:
-                es = manifest_entries(store, generations.resolve(conn, tree.name[:64], tree.name[65:-7]))
+                es = manifest_entries(store, generations.resolve(conn, tree.name[:64], tree.name[65:-len('-rootfs')]))
             except ImgstoreError:
                 continue
             keys: dict[str, bytes] = {}
@@ -252,7 +242,7 @@ def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
             sources[id(e)] = (root_fd, first)
             continue
         keys[key] = e.path
-        hit = earlier.find(key)
+        hit = earlier.index.get(key.encode())
         if hit is None:
             make.append(e)
         else:
@@ -261,20 +251,13 @@ def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
 
 
 def _make_dirs(es: list[Entry], root_fd: int) -> None:
-    """Make the tree's directories (mode 0700 until restore() leaves them). Every entry's parent must be a
-    directory listed before it, on the path of the manifest's depth-first order: the files made by path
-    below root_fd then go through directories this command made, and nothing else."""
-    stack = [b"."]
+    """Make the tree's directories (mode 0700 until restore() leaves them). manifest.decode checked that every
+    entry's parent is a directory listed before it: the files made by path below root_fd then go through
+    directories this command made, and nothing else."""
     for e in es[1:]:
-        parent = e.path.rpartition(b"/")[0] or b"."
-        while stack[-1] != parent:
-            if len(stack) == 1:
-                raise IntegrityError(f"manifest entry {e.path!r} is out of tree order", "run: imgstore verify")
-            stack.pop()
         if e.type == DIR:
             with _in_parent(root_fd, e.path) as (fd, name):
                 os.mkdir(name, 0o700, dir_fd=fd)
-            stack.append(e.path)
 
 
 def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
@@ -291,17 +274,7 @@ def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
     def fill(group: list[Entry]) -> None:
         for e in group:
             with _in_parent(root_fd, e.path) as (fd, name):
-                if e.type == SYMLINK:
-                    os.symlink(e.target, name, dir_fd=fd)
-                    _apply_path(fd, name, e, own, symlink=True)
-                    continue
-                ffd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                              dir_fd=fd)
-                try:
-                    _write_content(store.objects, ffd, e)
-                    _apply_fd(ffd, e, own)
-                finally:
-                    os.close(ffd)
+                make_new(store.objects, fd, name, e, own)
             faults.point("materialize.in-fill")
 
     run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e in g))
@@ -330,28 +303,6 @@ def _write_keys(path: Path, keys: dict[str, bytes], sync: bool = False) -> None:
         if sync:
             f.flush()
             os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _writing_back(root: Path, new_copies: bool) -> Iterator[None]:
-    """While the tree is finished (one core, mostly links), a thread waits on a first syncfs, which writes the
-    new files' data out meanwhile: the syncfs after the tree then has mostly metadata left to write (first
-    materialize of the rootfs, 6 alternating pairs: 0.88 against 0.925 s median, 4 pairs to 2). Its error, if
-    any, is left for that second syncfs to raise."""
-    if not new_copies:
-        yield
-        return
-
-    def sync() -> None:
-        with contextlib.suppress(OSError):
-            syncfs(root)
-
-    t = threading.Thread(target=sync, name="imgstore-syncfs")
-    t.start()
-    try:
-        yield
-    finally:
-        t.join()
 
 
 def _unmark(root: Path) -> None:
@@ -447,15 +398,15 @@ def _create(folder: str, tmp: str) -> tuple[int, bool]:
     return _open_new(tmp), True
 
 
-def _open_new(path: str, dir_fd: int | None = None) -> int:
+def _open_new(path: str) -> int:
     """Create `path` for writing; whatever is there (a killed command's temp file, a symlink someone planted
     at a copy's key) is replaced, never followed."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(path, flags, 0o600, dir_fd=dir_fd)
+        return os.open(path, flags, 0o600)
     except FileExistsError:
-        os.unlink(path, dir_fd=dir_fd)
-        return os.open(path, flags, 0o600, dir_fd=dir_fd)
+        os.unlink(path)
+        return os.open(path, flags, 0o600)
 
 
 def _link_fd(fd: int, dir_fd: int, name: str) -> None:
