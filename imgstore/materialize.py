@@ -38,6 +38,7 @@ from .durable import (
     remove_stale_temps,
     remove_tree,
     syncfs,
+    writing_back,
 )
 from .errors import ImgstoreError
 from .forkjoin import run_split
@@ -150,7 +151,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
                 make, sources, keys = _plan(es, earlier, root_fd)
                 check_objects(store.objects, es)  # before the first write (a source found changed is made anew)
                 _make_dirs(es, root_fd)
-                _fill(store, make, root_fd)
+                with writing_back(store.root):
+                    _fill(store, make, root_fd)
                 restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make},
                         link_source=lambda e: sources.get(id(e)))
             _write_keys(keys_tmp, keys)

@@ -182,3 +182,43 @@ def test_the_child_dies_with_the_command(tmp_path: Path) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"the forked child {pid} outlived the command")
+
+
+def _delalloc(path: Path) -> bool:
+    """Whether any of the file's extents is still only in the page cache (ext4's delayed allocation: FIEMAP)."""
+    import fcntl
+    import struct
+
+    count = 64
+    head = struct.pack("=QQIIII", 0, 2**64 - 1, 0, 0, count, 0)
+    buf = bytearray(head + bytes(56 * count))
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), 0xC020660B, buf)  # FS_IOC_FIEMAP
+    mapped = struct.unpack_from("=I", buf, 20)[0]
+    return any(struct.unpack_from("=I", buf, 32 + 56 * i + 40)[0] & 0x4 for i in range(mapped))  # DELALLOC
+
+
+def test_writing_back_starts_the_writeback_while_the_body_runs_and_the_body_still_forks(tmp_path: Path) -> None:
+    """materialize's fill runs inside durable.writing_back: its files go to disk while they are made (the
+    kernel alone would wait 30 s), and its two processes still fork beside the thread that does it."""
+    from imgstore.durable import writing_back
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    try:
+        if not _delalloc(probe):
+            pytest.skip("no delayed allocation on this filesystem: nothing to observe")
+    except OSError:
+        pytest.skip("no FIEMAP on this filesystem")
+    log = tmp_path / "log"
+    before = threading.active_count()
+    with writing_back(tmp_path, every=0.05):
+        forkjoin.run_split(lambda i: _log(log, f"{os.getpid()} {i}"), list(range(10)), weight=lambda i: 1)
+        data = tmp_path / "data"
+        data.write_bytes(os.urandom(8 << 20))  # unlike the probe, written before and still in the page cache
+        deadline = time.monotonic() + 10
+        while _delalloc(data) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _delalloc(data), "the data written in the body was not written back while it ran"
+    assert threading.active_count() == before
+    assert len({line.split()[0] for line in log.read_text().splitlines()}) == 2
