@@ -101,11 +101,9 @@ def restore(
                     nbytes += e.size
                 if made is not None and id(e) in made:
                     pass  # made already (materialize's two processes)
-                elif (e.type == FILE or e.type == SYMLINK) and link_source and _link(link_source(e), sources, e,
-                                                                                      pfd, name, own):
-                    pass
                 elif e.type == FILE or e.type == SYMLINK:
-                    make_new(objects, pfd, name, e, own)
+                    if not (link_source and _link(link_source(e), sources, e, pfd, name, own)):
+                        make_new(objects, pfd, name, e, own)
                 elif e.type == HARDLINK:
                     tparent, _, tname = e.target.rpartition(b"/")
                     sfd = open_dir(root_fd, tparent)

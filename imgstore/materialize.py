@@ -203,6 +203,7 @@ class _Earlier:
         for fd in self.fds:
             os.close(fd)
 
+
 def _index_unindexed(store: Store) -> None:
     """Write the index of each tree an earlier imgstore made without one (its files link to copies in mat/),
     from its generation's manifest, so that new trees share its files rather than copy them all. Once per

@@ -281,6 +281,42 @@ def test_materialize_never_follows_a_symlink_planted_at_its_staging_path(tmp_pat
     assert (store / "netboot/root/etc/motd").read_text() == "one\n"
 
 
+def test_materialize_never_links_a_symlink_planted_in_mat(tmp_path: Path, cli: Cli) -> None:
+    """mat/ holds the boot files' copies (trees no longer link from it): symlinks planted there at a tree file's
+    key and at the kernel's key reach neither the tree nor the TFTP root, and what they point to is untouched."""
+    from imgstore import browse, generations
+    from imgstore.deploy import boot_entries
+    from imgstore.materialize import mat_key, mat_path
+    from imgstore.store import Store
+
+    store = _store(tmp_path, cli)
+    tree = _chroot(tmp_path / "chroot", "one\n")
+    _ok(cli("commit", tree, "-p", "web"))
+    secret = tmp_path / "outside/secret"
+    secret.parent.mkdir()
+    secret.write_text(MARKER)
+    s = Store.open(store)
+    try:
+        with s.engine.connect() as conn:
+            g = generations.resolve(conn, "web@1")
+        motd = next(e for e in browse.entries(s, g) if e.path == b"etc/motd")
+        kernel = dict(boot_entries(g))["vmlinuz"]
+        planted = [mat_path(s, mat_key(motd)), mat_path(s, mat_key(kernel))]
+    finally:
+        s.close()
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(secret, p)
+    _okb(_run(store, "rollout", "web@1"))  # a planted copy is replaced, never followed
+    served = store / "netboot/root/etc/motd"
+    assert not served.is_symlink() and stat.S_ISREG(served.lstat().st_mode), "the tree holds the planted link"
+    assert served.read_text() == "one\n"
+    vmlinuz = store / "tftpboot/imgstore/web" / g.gen_id / "vmlinuz"
+    assert stat.S_ISREG(vmlinuz.lstat().st_mode), "the TFTP root holds the planted link"
+    assert vmlinuz.read_bytes() == (tree / "boot/vmlinuz-6.1.0-28-amd64").read_bytes()
+    assert secret.read_text() == MARKER
+
+
 @pytest.mark.root
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs with strictatime")
 def test_verify_and_repair_never_follow_a_symlink_planted_in_a_materialized_tree(tmp_path: Path, cli: Cli) -> None:
