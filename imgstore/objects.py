@@ -37,6 +37,9 @@ LEVEL = 2
 # Loose objects (1 MiB and more, compressed as a stream): level 3. On a 4 GiB image (half random, half text)
 # it is faster than 2 (0.12 s vs 0.18 s of CPU per 256 MB) and 4% smaller; on a rootfs's libraries 7% smaller.
 STREAM_LEVEL = 3
+# A pack's index (random digests and small numbers): level 1 is both faster and smaller than 3 (36 against 65 ms
+# and 7.76 against 7.77 MB for 200,000 records); it is written with every core idle, at the end of a commit.
+INDEX_LEVEL = 1
 BLOCK = 1 << 20  # a block is closed once it holds this much
 MAX_BLOCK = BLOCK + LOOSE_MIN  # what a block can hold: a reader refuses to decompress a frame that claims more
 
@@ -571,11 +574,14 @@ class PackWriter:
         self._close_block()
         slots = self.index.slots
         self.keys.sort()
-        zstd = stream_compressor().compressobj(size=_REC.size * len(self.keys))
+        zstd = zstandard.ZstdCompressor(level=INDEX_LEVEL).compressobj(size=_REC.size * len(self.keys))
         index_offset = self.offset
         buf = bytearray()
-        for d in self.keys:
-            buf += _REC.pack(d, *_unpack_value(slots[d]))
+        pack = _REC.pack
+        for d in self.keys:  # _unpack_value inlined: 0.9 against 1.3 s per million objects
+            v = slots[d]
+            buf += pack(d, (v >> _OFFSET_SHIFT) & _OFFSET_MASK, (v >> _CLEN_SHIFT) & _CLEN_MASK,
+                        (v >> _INNER_SHIFT) & _INNER_MASK, v & _SIZE_MASK)
             if len(buf) >= CHUNK:
                 self._write(zstd.compress(bytes(buf)))
                 buf.clear()
