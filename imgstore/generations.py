@@ -118,50 +118,58 @@ def profiles(conn: Connection) -> list[str]:
 
 
 REF_RE = re.compile(r"^(?:(?P<profile>[a-z][a-z0-9_-]*)@)?(?P<sel>latest|-\d+|\d+)$")
+ID_PREFIX_RE = re.compile(r"[0-9a-f]{4,64}")
 
 
 def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generation:
-    """`42` (with a profile), `web@42`, `web@latest`, `web@-1`, or a unique prefix of a generation id."""
+    """`42` (with a profile), `web@42`, `web@latest`, `web@-1`, or a unique prefix of a generation id. A prefix
+    made of digits only (`3141`) is a number first and an id prefix if no generation has that number."""
     ref = ref.strip()
     m = REF_RE.match(ref)
-    if m:
-        prof = m.group("profile") or profile
-        sel = m.group("sel")
-        if prof is None:
-            used = profiles(conn)
-            if len(used) == 1:
-                prof = used[0]
-            else:
-                raise UsageError(
-                    f"generation {ref!r} needs a profile", f"write it as PROFILE@{sel} or pass --profile"
-                )
-        gens = list_(conn, prof)
-        if gens:
-            if sel == "latest":
-                return gens[-1]
-            if sel.startswith("-"):
-                back = int(sel[1:])
-                if back < len(gens):
-                    return gens[-1 - back]
-            else:
-                for g in gens:
-                    if g.number == int(sel):
-                        return g
-        raise not_found(conn, f"{prof}@{sel}", prof)
-    if re.fullmatch(r"[0-9a-f]{4,64}", ref):
-        rows = [_row(r) for r in conn.execute(
-            "SELECT * FROM generations WHERE gen_id LIKE :prefix AND deleted IS NULL ORDER BY id",
-            {"prefix": ref + "%"})]  # ref is hex: nothing in it LIKE treats specially
-        if len({g.gen_id for g in rows}) == 1 and (len(rows) == 1 or profile):
-            matching = [g for g in rows if profile is None or g.profile == profile]
-            if matching:
-                return matching[-1]
-        if len(rows) > 1:
-            raise UsageError(
-                f"generation id prefix {ref!r} is ambiguous: {', '.join(g.ref for g in rows[:5])}",
-                "give more characters of the id, or PROFILE@NUMBER",
-            )
-    raise not_found(conn, ref, profile)
+    if m is None:
+        if ID_PREFIX_RE.fullmatch(ref) and (g := _by_id(conn, ref, profile)) is not None:
+            return g
+        raise not_found(conn, ref, profile)
+    prof = m.group("profile") or profile
+    sel = m.group("sel")
+    if prof is None and len(used := profiles(conn)) == 1:
+        prof = used[0]
+    if prof is not None and (g := _select(list_(conn, prof), sel)) is not None:
+        return g
+    if m.group("profile") is None and ID_PREFIX_RE.fullmatch(ref) and (g := _by_id(conn, ref, profile)) is not None:
+        return g
+    if prof is None:
+        raise UsageError(f"generation {ref!r} needs a profile", f"write it as PROFILE@{sel} or pass --profile")
+    raise not_found(conn, f"{prof}@{sel}", prof)
+
+
+def _select(gens: list[Generation], sel: str) -> Generation | None:
+    """`latest`, `-N` (N back from the latest) or a number, among a profile's generations (oldest first)."""
+    if not gens:
+        return None
+    if sel == "latest":
+        return gens[-1]
+    if sel.startswith("-"):
+        back = int(sel[1:])
+        return gens[-1 - back] if back < len(gens) else None
+    return next((g for g in gens if g.number == int(sel)), None)
+
+
+def _by_id(conn: Connection, prefix: str, profile: str | None) -> Generation | None:
+    """The generation whose id starts with `prefix` (hex); None if none does; an error if several do."""
+    rows = [_row(r) for r in conn.execute(
+        "SELECT * FROM generations WHERE gen_id LIKE :prefix AND deleted IS NULL ORDER BY id",
+        {"prefix": prefix + "%"})]  # the prefix is hex: nothing in it LIKE treats specially
+    if len({g.gen_id for g in rows}) == 1 and (len(rows) == 1 or profile):
+        matching = [g for g in rows if profile is None or g.profile == profile]
+        if matching:
+            return matching[-1]
+    if len(rows) > 1:
+        raise UsageError(
+            f"generation id prefix {prefix!r} is ambiguous: {', '.join(g.ref for g in rows[:5])}",
+            "give more characters of the id, or PROFILE@NUMBER",
+        )
+    return None
 
 
 def not_found(conn: Connection, ref: str, profile: str | None) -> NotFound:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import Cli, disk_state, write_profile
 
-from imgstore.errors import EXIT_CODES
-from imgstore.store import FORMAT
+from imgstore import generations
+from imgstore.errors import EXIT_CODES, NotFound
+from imgstore.store import FORMAT, Store
 
 
 def _sample(tmp_path: Path) -> Path:
@@ -192,6 +193,27 @@ def test_ambiguous_number_without_profile(ready: Path, tmp_path: Path, cli: Cli)
     _assert_clean_failure(cli("show", "1"), 2, "needs a profile")
     assert json.loads(cli("show", "1", "-p", "other", "--json").stdout)["profile"] == "other"
     _ = os
+
+
+def test_an_id_prefix_of_digits_only_is_a_number_first_then_an_id(store: Store) -> None:
+    """Ten characters of an id can all be digits (about 1 in 110 ids): `show 3141592653` must still find it."""
+    def add(gen_id: str) -> generations.Generation:
+        with store.engine.begin() as conn:
+            return generations.add(
+                conn, profile="web", gen_id=gen_id, manifest="0" * 64, kernel=None, kernel_name=None, initrd=None,
+                initrd_name=None, append="", created=0.0, message="", user="u", host="h", source="s", files=0,
+                size=0, new_bytes=0, meta={})
+
+    first = add("3141592653" + "a" * 54)
+    second = add("2" * 64)
+    with store.engine.connect() as conn:
+        assert generations.resolve(conn, "3141592653") == first  # there is no web@3141592653
+        assert generations.resolve(conn, "2") == second and generations.resolve(conn, "1") == first  # numbers
+        assert generations.resolve(conn, "2222") == second  # no web@2222: an id prefix
+        with pytest.raises(NotFound):
+            generations.resolve(conn, "web@2222")  # with a profile it is a number only
+        with pytest.raises(NotFound):
+            generations.resolve(conn, "9999")
 
 
 USAGE_ERRORS: list[tuple[tuple[str, ...], list[str]]] = [
