@@ -127,7 +127,7 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
     ref = ref.strip()
     m = REF_RE.match(ref)
     if m is None:
-        if ID_PREFIX_RE.fullmatch(ref) and (g := _by_id(conn, ref, profile)) is not None:
+        if (g := _by_id(conn, ref, profile)) is not None:
             return g
         raise not_found(conn, ref, profile)
     prof = m.group("profile") or profile
@@ -136,7 +136,7 @@ def resolve(conn: Connection, ref: str, profile: str | None = None) -> Generatio
         prof = used[0]
     if prof is not None and (g := _select(list_(conn, prof), sel)) is not None:
         return g
-    if m.group("profile") is None and ID_PREFIX_RE.fullmatch(ref) and (g := _by_id(conn, ref, profile)) is not None:
+    if m.group("profile") is None and (g := _by_id(conn, ref, profile)) is not None:
         return g
     if prof is None:
         raise UsageError(f"generation {ref!r} needs a profile", f"write it as PROFILE@{sel} or pass --profile")
@@ -156,7 +156,10 @@ def _select(gens: list[Generation], sel: str) -> Generation | None:
 
 
 def _by_id(conn: Connection, prefix: str, profile: str | None) -> Generation | None:
-    """The generation whose id starts with `prefix` (hex); None if none does; an error if several do."""
+    """The generation whose id starts with `prefix`; None if none does or it is not 4-64 hex digits; an error
+    if several do."""
+    if not ID_PREFIX_RE.fullmatch(prefix):
+        return None
     rows = [_row(r) for r in conn.execute(
         "SELECT * FROM generations WHERE gen_id LIKE :prefix AND deleted IS NULL ORDER BY id",
         {"prefix": prefix + "%"})]  # the prefix is hex: nothing in it LIKE treats specially

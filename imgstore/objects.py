@@ -577,11 +577,8 @@ class PackWriter:
         zstd = zstandard.ZstdCompressor(level=INDEX_LEVEL).compressobj(size=_REC.size * len(self.keys))
         index_offset = self.offset
         buf = bytearray()
-        pack = _REC.pack
-        for d in self.keys:  # _unpack_value inlined: 0.9 against 1.3 s per million objects
-            v = slots[d]
-            buf += pack(d, (v >> _OFFSET_SHIFT) & _OFFSET_MASK, (v >> _CLEN_SHIFT) & _CLEN_MASK,
-                        (v >> _INNER_SHIFT) & _INNER_MASK, v & _SIZE_MASK)
+        for d in self.keys:
+            buf += _REC.pack(d, *_unpack_value(slots[d]))
             if len(buf) >= CHUNK:
                 self._write(zstd.compress(bytes(buf)))
                 buf.clear()
