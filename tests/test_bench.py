@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import bench
@@ -34,3 +35,22 @@ def test_wait_quiet_gives_up_after_its_limit(tmp_path: Path) -> None:
     seen = bench.wait_quiet(tmp_path, fastest, limit=0)
     assert seen["probe_s"] > bench.PROBE_SLACK * 1e-4 and seen["fastest_s"] == 1e-4
     assert len(list(tmp_path.iterdir())) == 1  # one probe, no wait
+
+
+def test_every_tool_takes_each_step_in_turn_after_a_settle_where_peers_freed_inodes() -> None:
+    log: list[str] = []
+
+    def tool(name: str) -> Iterator[None]:
+        for step in bench.SEQUENCE:  # as run_tool: stops before each step
+            yield
+            log.append(f"{name} {step}")
+
+    tools = [tool("a"), tool("b")]
+    for t in tools:
+        next(t)  # to just before its first step, as run() does
+    bench.take_turns(tools, lambda: log.append("settle"))
+    expected: list[str] = []
+    for step in bench.SEQUENCE:
+        expected += ["settle"] if step in ("mat1", "mat2") else []
+        expected += [f"a {step}", f"b {step}"]
+    assert log == expected
