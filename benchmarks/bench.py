@@ -56,8 +56,8 @@ STEP_NOTE = ("* materialize 1st: imgstore materializes generation 1, ostree chec
 SEQUENCE = ("commit1", "mat1", "noop", "commit2", "mat2", "restore", "version")
 # Steps that create thousands of inodes right after steps in which a peer frees thousands: ostree's commits write
 # every object to a temp file and delete those it had (per repository 696 inodes in the first commit, 5,888 in the
-# no-op, 6,048 after curl; perf's ext4:ext4_free_inode). ext4 without a journal then scans past each such inode at
-# every allocation for 60 s (bench's settle), so whichever tool ran first after them paid for it.
+# no-op, 6,048 after curl; perf's ext4:ext4_free_inode). On ext4 without a journal (--on-host here) every
+# allocation then scans past each such inode for a minute or more (fresh_filesystem), so a settle precedes them.
 SETTLE_BEFORE = frozenset({"mat1", "mat2"})
 # A failed commit leaves nothing sensible to time afterwards; the other steps may fail on their own.
 FATAL_STEPS = frozenset({"commit1", "commit2"})
@@ -749,7 +749,16 @@ def run(args: argparse.Namespace) -> Results:
     active = [t for t in tools if t.name not in unavailable]
 
     work: Path = args.workdir.resolve()
-    cleanup(work)  # a previous run's, kept or interrupted
+    release_filesystem(work)  # a previous run's, kept or interrupted
+    cleanup(work)
+    filesystem = f"this machine's own ({_fs_of(work.parent)})"
+    if not args.on_host:
+        try:
+            filesystem = fresh_filesystem(work)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            why = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
+            log(f"bench: no loop-mounted ext4 ({why}); running on {filesystem}")
+    log(f"filesystem: {filesystem}")
     log("preparing trees (stripped minbase and minbase+curl)")
     trees = prepare_trees(work, args.cache, any(t.nodev for t in active), strip=not args.no_strip)
     stats = {"base": asdict(rootfs.tree_stats(trees.base)), "curl": asdict(rootfs.tree_stats(trees.curl))}
@@ -762,6 +771,7 @@ def run(args: argparse.Namespace) -> Results:
         "trees": stats,
         "stripped": [] if args.no_strip else ["var/cache/apt/archives/*.deb", "var/lib/apt/lists/*",
                                               "var/cache/apt/*.bin"],
+        "filesystem": filesystem,
         "imgstore_materialize": any(isinstance(t, Imgstore) and t.has_materialize for t in active),
     }, unavailable=unavailable)
 
@@ -816,7 +826,8 @@ def run(args: argparse.Namespace) -> Results:
                 steps = run_tool(tool, ws, rep, trees, results, check_fidelity=rep == 0)
                 running.append((tool, ws, steps))
                 next(steps)  # to just before its first step
-            take_turns([steps for _, _, steps in running], lambda: settle(args.settle))
+            take_turns([steps for _, _, steps in running],
+                       lambda: settle(args.settle) if args.on_host else os.sync())
         finally:
             for tool, ws, steps in running:
                 steps.close()
@@ -826,12 +837,64 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def take_turns(tools: list[Iterator[None]], settle_now: Callable[[], None]) -> None:
-    """Step by step, every tool in turn (in the repetition's order), settling before the SETTLE_BEFORE steps."""
+    """Step by step, every tool in turn (in the repetition's order), with settle_now() before the SETTLE_BEFORE
+    steps."""
     for step in SEQUENCE:
         if step in SETTLE_BEFORE:
             settle_now()
         for steps in tools:
             next(steps, None)
+
+
+IMAGE_BYTES = 24 << 30  # sparse: the host holds what the run writes (5 repetitions kept with --keep: ~15 GB)
+IMAGE_INODES = 1_000_000
+
+
+def _fs_of(path: Path) -> str:
+    out = subprocess.run(["findmnt", "-no", "FSTYPE,OPTIONS", "--target", os.fspath(path)], capture_output=True,
+                         text=True, check=False).stdout.strip()
+    return out or "unknown"
+
+
+def image_path(work: Path) -> Path:
+    return work.with_name(work.name + ".ext4")
+
+
+def fresh_filesystem(work: Path, size: int = IMAGE_BYTES, inodes: int = IMAGE_INODES) -> str:
+    """Mount a new ext4 with a journal (Debian's default: what a boot server runs) at `work`, made in a sparse
+    image file beside it on a loop device with direct I/O; return what it is, for the results.
+
+    This machine's own filesystem is ext4 without a journal, where ext4 will not reuse an inode freed less
+    than 60 s ago (360 s while its inode-table block is dirty, which allocating its neighbours makes it) and
+    every allocation scans past each such inode (recently_deleted() in fs/ext4/ialloc.c): after deleting a
+    repetition (90,000-170,000 inodes) or after ostree's commits (which free 700-6,000 temp files each),
+    whichever tool next created files in those block groups ran 2-5 x slower. With a journal, freed inodes
+    are reused at once. Inode tables and journal are written by mkfs, not lazily during the run."""
+    image = image_path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0", os.fspath(image)], check=True, capture_output=True)
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", os.fspath(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", device, os.fspath(work)], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(["losetup", "-d", device], check=False)
+        raise
+    return f"ext4 with a journal, made for this run ({size >> 20:,} MiB image on {device}, direct I/O)"
+
+
+def release_filesystem(work: Path) -> None:
+    """Unmount the run's filesystem (a killed run's too) and delete its image: one file, not a tree."""
+    if os.path.ismount(work):
+        device = subprocess.run(["findmnt", "-no", "SOURCE", "--mountpoint", os.fspath(work)],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        subprocess.run(["umount", os.fspath(work)], check=True)
+        if device.startswith("/dev/loop"):
+            subprocess.run(["losetup", "-d", device], check=False)
+    image_path(work).unlink(missing_ok=True)
 
 
 def cleanup(work: Path) -> None:
@@ -1033,6 +1096,7 @@ def render_markdown(results: Results, tabs: list[Tab]) -> str:
         "",
         f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs, kernel {meta['kernel']}); "
         f"{meta['runs']} repetition(s), medians; run took {meta.get('duration_s', '?')} s.",
+        f"Filesystem: {meta.get('filesystem', 'not recorded')}.",
         f"Trees ({'stripped of ' + ', '.join(meta['stripped']) if meta['stripped'] else 'apt caches kept'}): "
         f"minbase {base['files']} files, "
         f"{base['symlinks']} symlinks, {base['directories']} directories, "
@@ -1088,6 +1152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-checkout", action="store_true",
                         help="run imgstore as `python -m imgstore` from this checkout, not as installed in "
                              ".cache/bench-venv")
+    parser.add_argument("--on-host", action="store_true",
+                        help="run in the workdir on this machine's filesystem, not on a fresh ext4 with a journal "
+                             "mounted there from an image file (see benchmarks/README.md)")
     parser.add_argument("--keep", action="store_true", help="keep every repetition's stores and trees")
     parser.add_argument("--no-strip", action="store_true",
                         help="keep apt's caches in the trees (to compare with BENCHMARKING.md's figures; "
@@ -1119,8 +1186,13 @@ def main(argv: list[str] | None = None) -> int:
     render_console(tabs)
     write_outputs(results, summary, args.json, render_markdown(results, tabs))
     log(f"measured in {results.meta['duration_s']:.0f} s")
-    if not args.keep:
-        cleanup(args.workdir.resolve())
+    work = args.workdir.resolve()
+    if args.keep:
+        if os.path.ismount(work):
+            log(f"kept: {work} is still mounted from {image_path(work)} (the next run removes both)")
+    else:
+        release_filesystem(work)
+        cleanup(work)
     return 0
 
 
