@@ -749,15 +749,12 @@ def run(args: argparse.Namespace) -> Results:
     active = [t for t in tools if t.name not in unavailable]
 
     work: Path = args.workdir.resolve()
-    release_filesystem(work)  # a previous run's, kept or interrupted
+    release_filesystems(work)  # a previous run's, kept or interrupted
     cleanup(work)
-    filesystem = f"this machine's own ({_fs_of(work.parent)})"
-    if not args.on_host:
-        try:
-            filesystem = fresh_filesystem(work)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            why = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
-            log(f"bench: no loop-mounted ext4 ({why}); running on {filesystem}")
+    host = f"this machine's own ({_fs_of(work.parent)})"
+    filesystem = host if args.on_host else (
+        f"a fresh ext4 {'with' if args.journal else 'without'} a journal for each tool in each repetition "
+        f"(sparse {TOOL_IMAGE_BYTES >> 30} GiB image on a loop device, direct I/O); trees and sources on {host}")
     log(f"filesystem: {filesystem}")
     log("preparing trees (stripped minbase and minbase+curl)")
     trees = prepare_trees(work, args.cache, any(t.nodev for t in active), strip=not args.no_strip)
@@ -784,6 +781,7 @@ def run(args: argparse.Namespace) -> Results:
     for rep in range(args.runs):
         rep_dir = work / f"rep{rep}"
         if rep > 0 and not args.keep:
+            release_filesystems(work / f"rep{rep - 1}")
             cleanup(work / f"rep{rep - 1}")
         # Every deletion and every untimed copy happens here, before the settle; none inside the timed
         # sequence, whose file creations would otherwise run up to 10x slower.
@@ -794,6 +792,8 @@ def run(args: argparse.Namespace) -> Results:
             ws.root.mkdir(parents=True)
             base = trees.for_tool(tool)[0]
             try:
+                if not args.on_host:
+                    fresh_filesystem(ws.root, journal=args.journal)
                 if ws.src.exists():
                     rsync_over(base, ws.src)
                 else:
@@ -838,7 +838,7 @@ def run(args: argparse.Namespace) -> Results:
 
 def take_turns(tools: list[Iterator[None]], settle_now: Callable[[], None]) -> None:
     """Step by step, every tool in turn (in the repetition's order), with settle_now() before the SETTLE_BEFORE
-    steps."""
+    steps (on a shared filesystem: --on-host)."""
     for step in SEQUENCE:
         if step in SETTLE_BEFORE:
             settle_now()
@@ -846,8 +846,8 @@ def take_turns(tools: list[Iterator[None]], settle_now: Callable[[], None]) -> N
             next(steps, None)
 
 
-IMAGE_BYTES = 24 << 30  # sparse: the host holds what the run writes (5 repetitions kept with --keep: ~15 GB)
-IMAGE_INODES = 1_000_000
+TOOL_IMAGE_BYTES = 8 << 30  # sparse: the host holds what a tool writes in a repetition (ostree-archive: ~1 GB)
+TOOL_IMAGE_INODES = 200_000  # a tool's repetition makes 20,000-30,000
 
 
 def _fs_of(path: Path) -> str:
@@ -860,21 +860,25 @@ def image_path(work: Path) -> Path:
     return work.with_name(work.name + ".ext4")
 
 
-def fresh_filesystem(work: Path, size: int = IMAGE_BYTES, inodes: int = IMAGE_INODES) -> str:
-    """Mount a new ext4 with a journal (Debian's default: what a boot server runs) at `work`, made in a sparse
-    image file beside it on a loop device with direct I/O; return what it is, for the results.
+def fresh_filesystem(work: Path, journal: bool = False, size: int = TOOL_IMAGE_BYTES,
+                     inodes: int = TOOL_IMAGE_INODES) -> None:
+    """Mount a new ext4 at `work` (without a journal, as this machine's; with one, Debian's default),
+    made in a sparse image file beside it, on a loop device with direct I/O.
 
-    This machine's own filesystem is ext4 without a journal, where ext4 will not reuse an inode freed less
-    than 60 s ago (360 s while its inode-table block is dirty, which allocating its neighbours makes it) and
-    every allocation scans past each such inode (recently_deleted() in fs/ext4/ialloc.c): after deleting a
-    repetition (90,000-170,000 inodes) or after ostree's commits (which free 700-6,000 temp files each),
-    whichever tool next created files in those block groups ran 2-5 x slower. With a journal, freed inodes
-    are reused at once. Inode tables and journal are written by mkfs, not lazily during the run."""
+    Each tool gets its own in each repetition: this machine's ext4 has no journal, and there ext4 will not
+    reuse an inode freed less than 60 s ago (360 s while its inode-table block is dirty, which allocating a
+    neighbour makes it), and every allocation in that block group scans past each such inode
+    (recently_deleted() in fs/ext4/ialloc.c). On one shared filesystem the repetition's clean-up
+    (90,000-170,000 inodes) and ostree's commits (700-6,000 temp files each) made whichever tool next created
+    files in those block groups 2-5 x slower. On its own filesystem a tool pays for its own deletes only, and
+    a repetition's clean-up is an unmount and one file. Inode tables and journal are written by mkfs, not
+    lazily during the run."""
     image = image_path(work)
     work.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), "-E",
+    features = [] if journal else ["-O", "^has_journal"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, "-N", str(inodes), "-E",
                     "lazy_itable_init=0,lazy_journal_init=0", os.fspath(image)], check=True, capture_output=True)
     device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", os.fspath(image)], check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -883,11 +887,20 @@ def fresh_filesystem(work: Path, size: int = IMAGE_BYTES, inodes: int = IMAGE_IN
     except subprocess.CalledProcessError:
         subprocess.run(["losetup", "-d", device], check=False)
         raise
-    return f"ext4 with a journal, made for this run ({size >> 20:,} MiB image on {device}, direct I/O)"
+
+
+def release_filesystems(work: Path) -> None:
+    """Release every tool's filesystem below `work` (a repetition's, or a killed run's)."""
+    if not work.is_dir():
+        return
+    mounts = subprocess.run(["findmnt", "-rno", "TARGET"], capture_output=True, text=True, check=False).stdout
+    below = [Path(m) for m in mounts.split() if m.startswith(f"{work}/")]
+    for mount in sorted(below, reverse=True):
+        release_filesystem(mount)
 
 
 def release_filesystem(work: Path) -> None:
-    """Unmount the run's filesystem (a killed run's too) and delete its image: one file, not a tree."""
+    """Unmount a tool's filesystem and delete its image: one file, not a tree."""
     if os.path.ismount(work):
         device = subprocess.run(["findmnt", "-no", "SOURCE", "--mountpoint", os.fspath(work)],
                                 capture_output=True, text=True, check=False).stdout.strip()
@@ -1153,8 +1166,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run imgstore as `python -m imgstore` from this checkout, not as installed in "
                              ".cache/bench-venv")
     parser.add_argument("--on-host", action="store_true",
-                        help="run in the workdir on this machine's filesystem, not on a fresh ext4 with a journal "
-                             "mounted there from an image file (see benchmarks/README.md)")
+                        help="run every tool in the workdir on this machine's filesystem, not each on a fresh ext4 "
+                             "of its own (see benchmarks/README.md)")
+    parser.add_argument("--journal", action="store_true",
+                        help="make each tool's ext4 with a journal (Debian's default) rather than without one "
+                             "(this machine's)")
     parser.add_argument("--keep", action="store_true", help="keep every repetition's stores and trees")
     parser.add_argument("--no-strip", action="store_true",
                         help="keep apt's caches in the trees (to compare with BENCHMARKING.md's figures; "
@@ -1188,10 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"measured in {results.meta['duration_s']:.0f} s")
     work = args.workdir.resolve()
     if args.keep:
-        if os.path.ismount(work):
-            log(f"kept: {work} is still mounted from {image_path(work)} (the next run removes both)")
+        log(f"kept: every tool's filesystem is still mounted below {work} (the next run releases them)")
     else:
-        release_filesystem(work)
+        release_filesystems(work)
         cleanup(work)
     return 0
 
