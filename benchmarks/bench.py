@@ -752,6 +752,9 @@ def run(args: argparse.Namespace) -> Results:
     release_filesystems(work)  # a previous run's, kept or interrupted
     cleanup(work)
     host = f"this machine's own ({_fs_of(work.parent)})"
+    if not args.on_host and not (Path("/dev/loop-control").exists() and shutil.which("losetup")):
+        log("bench: no loop devices here (/dev/loop-control, losetup): every tool runs on the host's filesystem")
+        args.on_host = True
     filesystem = host if args.on_host else (
         f"a fresh ext4 {'with' if args.journal else 'without'} a journal for each tool in each repetition "
         f"(sparse {TOOL_IMAGE_BYTES >> 30} GiB image on a loop device, direct I/O); trees and sources on {host}")
