@@ -829,8 +829,9 @@ def run(args: argparse.Namespace) -> Results:
                 steps = run_tool(tool, ws, rep, trees, results, check_fidelity=rep == 0)
                 running.append((tool, ws, steps))
                 next(steps)  # to just before its first step
+            # run_tool syncs before every step; on the host's filesystem the materialize rounds wait too.
             take_turns([steps for _, _, steps in running],
-                       lambda: settle(args.settle) if args.on_host else os.sync())
+                       (lambda: settle(args.settle)) if args.on_host else None)
         finally:
             for tool, ws, steps in running:
                 steps.close()
@@ -839,11 +840,11 @@ def run(args: argparse.Namespace) -> Results:
     return results
 
 
-def take_turns(tools: list[Iterator[None]], settle_now: Callable[[], None]) -> None:
-    """Step by step, every tool in turn (in the repetition's order), with settle_now() before the SETTLE_BEFORE
-    steps (on a shared filesystem: --on-host)."""
+def take_turns(tools: list[Iterator[None]], settle_now: Callable[[], None] | None) -> None:
+    """Step by step, every tool in turn (in the repetition's order), with settle_now() if given before the
+    SETTLE_BEFORE steps (on a shared filesystem: --on-host)."""
     for step in SEQUENCE:
-        if step in SETTLE_BEFORE:
+        if settle_now is not None and step in SETTLE_BEFORE:
             settle_now()
         for steps in tools:
             next(steps, None)
@@ -893,24 +894,16 @@ def fresh_filesystem(work: Path, journal: bool = False, size: int = TOOL_IMAGE_B
 
 
 def release_filesystems(work: Path) -> None:
-    """Release every tool's filesystem below `work` (a repetition's, or a killed run's)."""
-    if not work.is_dir():
-        return
-    mounts = subprocess.run(["findmnt", "-rno", "TARGET"], capture_output=True, text=True, check=False).stdout
-    below = [Path(m) for m in mounts.split() if m.startswith(f"{work}/")]
-    for mount in sorted(below, reverse=True):
-        release_filesystem(mount)
-
-
-def release_filesystem(work: Path) -> None:
-    """Unmount a tool's filesystem and delete its image: one file, not a tree."""
-    if os.path.ismount(work):
-        device = subprocess.run(["findmnt", "-no", "SOURCE", "--mountpoint", os.fspath(work)],
-                                capture_output=True, text=True, check=False).stdout.strip()
-        subprocess.run(["umount", os.fspath(work)], check=True)
+    """Unmount every tool's filesystem below `work` (a repetition's, or a killed run's), free its loop device and
+    delete its image: one file, not a tree."""
+    mounts = subprocess.run(["findmnt", "-rno", "TARGET,SOURCE"], capture_output=True, text=True,
+                            check=False).stdout.splitlines()
+    below = sorted((line.split() for line in mounts if line.startswith(f"{work}/")), reverse=True)
+    for target, device in below:
+        subprocess.run(["umount", target], check=True)
         if device.startswith("/dev/loop"):
             subprocess.run(["losetup", "-d", device], check=False)
-    image_path(work).unlink(missing_ok=True)
+        image_path(Path(target)).unlink(missing_ok=True)
 
 
 def cleanup(work: Path) -> None:
