@@ -25,7 +25,7 @@ from pathlib import Path
 import blake3
 import zstandard
 
-from . import faults, generations
+from . import faults, generations, native
 from .browse import entries as manifest_entries
 from .checkout import _apply_fd, _apply_path, _write_content, check_objects, make_new, restore
 from .durable import (
@@ -44,6 +44,7 @@ from .errors import ImgstoreError
 from .forkjoin import run_split
 from .generations import Generation
 from .manifest import DIR, FILE, SYMLINK, Entry
+from .objects import PackSlot
 from .store import Store
 
 MAT = "mat"
@@ -266,21 +267,73 @@ def _make_dirs(es: list[Entry], root_fd: int) -> None:
 def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
     """Make the new files and symlinks in the tree, in two processes (forkjoin): creating a file is mostly
     kernel time (ext4 here: about as much as ostree's copy checkout spends), which two processes spend in
-    parallel. Files that come from the same block go to the same process, whose cache holds the block."""
+    parallel. Files that come from the same block go to the same process, whose cache holds the block; the
+    Rust write loop (native.py) makes each block's files, and the symlinks, a run at a time."""
     index = store.objects.index
-    groups: dict[object, list[Entry]] = {}
+    groups: dict[object, list[tuple[Entry, PackSlot | None]]] = {}
+    symlinks = 0
     for e in make:
         slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
-        groups.setdefault(id(e) if slot is None else (slot.pack, slot.offset), []).append(e)
+        if slot is not None:
+            key: object = (slot.pack, slot.offset)
+        elif e.type == SYMLINK:
+            key, symlinks = (None, symlinks // SYMLINK_RUN), symlinks + 1
+        else:
+            key = id(e)  # a loose object: a group of its own
+        groups.setdefault(key, []).append((e, slot))
     own = os.geteuid() == 0
+    write = native.writer()
 
-    def fill(group: list[Entry]) -> None:
-        for e in group:
-            with _in_parent(root_fd, e.path) as (fd, name):
-                make_new(store.objects, fd, name, e, own)
-            faults.point("materialize.in-fill")
+    def fill(group: list[tuple[Entry, PackSlot | None]]) -> None:
+        if write is None:
+            for e, _ in group:
+                _make_here(store, root_fd, e, own)
+        else:
+            _fill_natively(write, store, root_fd, group, own)
+        faults.point("materialize.in-fill")
 
-    run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e in g))
+    run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
+
+
+SYMLINK_RUN = 512  # symlinks made by one call of the write loop
+
+
+def _fill_natively(write: native.NativeWrite, store: Store, root_fd: int,
+                   group: list[tuple[Entry, PackSlot | None]], own: bool) -> None:
+    """Make a group (one block's files, or symlinks) in runs of the Rust loop. What it leaves (a sparse or loose
+    file, or one it could not make: an error, a content that does not match its digest) is made here, which
+    raises the error with its message; the loop then goes on after it."""
+    first, slot = group[0]
+    block = store.objects.block(slot, first.digest) if slot is not None else b""
+    i = 0
+    while i < len(group):
+        run: list[native.MakeSpec] = []
+        for e, s in group[i:]:
+            spec = _spec(e, s)
+            if spec is None:
+                break
+            run.append(spec)
+        if run:
+            i += write(root_fd, block, run, own)
+        if i < len(group):
+            _make_here(store, root_fd, group[i][0], own)
+            i += 1
+
+
+def _spec(e: Entry, slot: PackSlot | None) -> native.MakeSpec | None:
+    """What the write loop needs to make `e`; None for what only Python makes (sparse files keep their holes,
+    loose objects are read in chunks)."""
+    if e.type == SYMLINK:
+        return e.path, e.target, 0, 0, b"", e.uid, e.gid, e.mode, e.mtime_ns, list(e.xattrs)
+    if slot is None or e.sparse:
+        return None
+    return (e.path, None, slot.inner, e.size, bytes.fromhex(e.digest), e.uid, e.gid, e.mode, e.mtime_ns,
+            list(e.xattrs))
+
+
+def _make_here(store: Store, root_fd: int, e: Entry, own: bool) -> None:
+    with _in_parent(root_fd, e.path) as (fd, name):
+        make_new(store.objects, fd, name, e, own)
 
 
 @contextlib.contextmanager

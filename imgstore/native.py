@@ -1,6 +1,6 @@
-"""The read loop of commit in Rust (native/src/lib.rs, built into imgstore/_native by setuptools-rust when
-cargo and Debian's crates are installed: scripts/setup.sh). Optional: without it commit reads in Python,
-slower on a first commit (docs/benchmarks.md) and the same in every stored byte."""
+"""The read loop of commit and the write loop of materialize in Rust (native/src/lib.rs, built into
+imgstore/_native by setuptools-rust when cargo and Debian's crates are installed: scripts/setup.sh).
+Optional: without it both run in Python, slower (docs/benchmarks.md) and the same in every byte."""
 
 from __future__ import annotations
 
@@ -20,6 +20,23 @@ def reader() -> NativeRead | None:
     except ImportError:
         return None
     return read_files
+
+
+# (path, symlink target or None, offset in the block, size, raw digest, uid, gid, mode, mtime_ns, xattrs).
+MakeSpec = tuple[bytes, bytes | None, int, int, bytes, int, int, int, int, list[tuple[bytes, bytes]]]
+# root fd, the decompressed block the files' contents are in, what to make, own -> how many were made.
+NativeWrite = Callable[[int, bytes, list[MakeSpec], bool], int]
+
+
+def writer() -> NativeWrite | None:
+    """The Rust write loop, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+    if _turned_off():
+        return None
+    try:
+        from ._native import write_files
+    except ImportError:
+        return None
+    return write_files
 
 
 def describe() -> str:

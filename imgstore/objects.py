@@ -418,7 +418,7 @@ class ObjectStore:
         slot = self.index.get(bytes.fromhex(digest))
         h = blake3.blake3() if verify else None
         if slot is not None:
-            block = self._block(slot, digest)
+            block = self.block(slot, digest)
             data = block if slot.inner == 0 and len(block) == slot.size else block[slot.inner:slot.inner + slot.size]
             if len(data) != slot.size:
                 raise damaged(digest, "has the wrong size")
@@ -431,7 +431,7 @@ class ObjectStore:
         if h is not None and h.hexdigest() != digest:
             raise damaged(digest, "does not match its hash")
 
-    def _block(self, slot: PackSlot, digest: str) -> bytes:
+    def block(self, slot: PackSlot, digest: str) -> bytes:
         """The decompressed block that holds a packed object; the thread's CACHED_BLOCKS most recent are kept
         (a generation's files come from blocks of several packs, in turns)."""
         cache: dict[tuple[str, int], bytes] | None = getattr(self._blocks, "recent", None)

@@ -249,3 +249,135 @@ def test_without_the_native_module_commit_reads_in_python(tmp_path: Path, monkey
         (tree / f"f{i}").write_bytes(b"%d" % i * 100)
     res = _commit(tmp_path / "s", tree)
     assert res.read_files == 50 and res.new_objects == 50
+
+
+# -- the write loop of materialize ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def write_files(monkeypatch: pytest.MonkeyPatch) -> native.NativeWrite:
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    fn = native.writer()
+    if fn is None:
+        pytest.skip("the native write loop is not built here")
+    return fn
+
+
+def _spec(path: bytes, content: bytes = b"", *, target: bytes | None = None, inner: int = 0,
+          digest: bytes | None = None, uid: int = 0, gid: int = 0, mode: int = 0o644, mtime_ns: int = 10**18,
+          xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> native.MakeSpec:
+    return (path, target, inner, len(content), blake3.blake3(content).digest() if digest is None else digest,
+            uid, gid, mode, mtime_ns, list(xattrs))
+
+
+def test_write_files_contract(tmp_path: Path, write_files: native.NativeWrite) -> None:
+    """Makes each entry as checkout.make_new does (content, owner, xattrs, mode, times; a symlink not followed);
+    the first one it cannot make exactly ends the run, and nothing of it is left."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    block = b"A" * 100 + b"B" * 100 + b"C" * 10
+    own = os.geteuid() == 0
+    xattrs = ((b"user.note", b"with \0 nul"), (b"trusted.t", b"x"))
+    good = [
+        _spec(b"a", b"A" * 100, mode=0o4755, uid=1234, gid=5678, mtime_ns=-1_500_000_001, xattrs=xattrs),
+        _spec(b"sub/b", b"B" * 100, inner=100, mode=0o000, mtime_ns=1_600_000_000_123_456_789),
+        _spec(b"sub/link", target=b"../a\xff odd", uid=42, gid=43, mtime_ns=7,
+              xattrs=((b"trusted.l", b"y"),) if own else ()),
+        _spec(b"empty", b"", inner=210),
+    ]
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert write_files(fd, block, good, own) == 4
+        a, b, link = os.lstat(out / "a"), os.lstat(out / "sub/b"), os.lstat(out / "sub/link")
+        assert (out / "a").read_bytes() == b"A" * 100 and (out / "sub/b").read_bytes() == b"B" * 100
+        assert oct(a.st_mode & 0o7777) == "0o4755" and b.st_mode & 0o7777 == 0  # setuid kept: mode after owner
+        assert a.st_mtime_ns == -1_500_000_001 and b.st_mtime_ns == 1_600_000_000_123_456_789
+        assert os.readlink(os.fsencode(out / "sub/link")) == b"../a\xff odd" and link.st_mtime_ns == 7
+        assert os.getxattr(out / "a", "user.note") == b"with \0 nul"
+        assert (out / "empty").read_bytes() == b""
+        if own:
+            assert (a.st_uid, a.st_gid, link.st_uid, link.st_gid) == (1234, 5678, 42, 43)
+            assert os.getxattr(out / "a", "trusted.t") == b"x"
+            assert os.getxattr(out / "sub/link", "trusted.l", follow_symlinks=False) == b"y"
+        # Not own: no owner, no privileged xattrs (as an unprivileged checkout).
+        assert write_files(fd, block, [_spec(b"c", b"C" * 10, inner=200, uid=1234, xattrs=xattrs)], False) == 1
+        assert os.lstat(out / "c").st_uid == os.geteuid() and os.listxattr(out / "c") == ["user.note"]
+        # Each of these ends the run where it is, leaving nothing of itself and not touching what follows.
+        for bad in (_spec(b"bad", b"A" * 100, digest=bytes(32)),  # a content that is not what its digest says
+                    _spec(b"bad", b"C" * 20, inner=200),  # past the end of the block
+                    _spec(b"a", b"A" * 100),  # a name that exists (never replaced, never followed)
+                    _spec(b"sub/link/x", b"A" * 100),  # below a symlink
+                    _spec(b"missing/bad", b"A" * 100),  # in a directory that does not exist
+                    _spec(b"bad", b"A" * 100, xattrs=((b"nonsense.ns", b"v"),)),  # an xattr the system refuses
+                    _spec(b"bad\0nul", b"A" * 100),  # a name the system cannot take
+                    _spec(b"bad", target=b"t", xattrs=((b"user.x", b"v"),)),  # user xattrs on a symlink: EPERM
+                    _spec(b"sub/link", target=b"again")):
+            assert write_files(fd, block, [_spec(b"first", b""), bad, _spec(b"after", b"")], own) == 1, bad
+            assert not os.path.lexists(out / "bad") and not os.path.lexists(out / "after")
+            os.unlink(out / "first")
+    finally:
+        os.close(fd)
+    assert os.readlink(os.fsencode(out / "sub/link")) == b"../a\xff odd" and (out / "a").read_bytes() == b"A" * 100
+
+
+@pytest.fixture
+def write_calls(monkeypatch: pytest.MonkeyPatch, write_files: native.NativeWrite) -> list[int]:
+    """How many entries each call of the real write loop made in this process (materialize's forked child
+    makes about half the files: its calls are not counted here)."""
+    made: list[int] = []
+
+    def counting(root_fd: int, block: bytes, specs: list[native.MakeSpec], own: bool) -> int:
+        n = write_files(root_fd, block, specs, own)
+        made.append(n)
+        return n
+
+    monkeypatch.setattr(native, "writer", lambda: counting)
+    return made
+
+
+def test_native_and_python_loops_materialize_the_same_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_calls: list[int]) -> None:
+    """Both loops lay out the committed tree exactly (owners, modes, xattrs on files and symlinks, times, odd
+    names, sparse and loose files, a path past LONG_PATH); the native one makes most files."""
+    from imgstore import generations
+    from imgstore import materialize as mat
+    from imgstore.locking import store_lock
+
+    tree = tmp_path / "tree"
+    make_nasty_tree(tree)
+    os.truncate(tree / "var-sparse.img", 8 << 20)  # still sparse (a hole, then "middle"), not 1 GiB to hash
+    with open(tree / "var-sparse.img", "r+b") as f:
+        f.seek(6 << 20)
+        f.write(b"middle")
+    for i in range(600):  # several blocks
+        p = tree / "many" / f"f{i}"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(os.urandom(3000 + i) if i % 3 else b"same %d\n" % (i % 5) * 100)
+        os.utime(p, ns=(i, i))
+        if i % 50 == 0:
+            os.symlink(f"f{i}", tree / "many" / f"l{i}")
+            if os.geteuid() == 0:
+                os.setxattr(tree / "many" / f"l{i}", b"trusted.note", b"%d" % i, follow_symlinks=False)
+    res = _commit(tmp_path / "store", tree)
+    trees = {}
+    for how in ("0", "1"):
+        monkeypatch.setenv("IMGSTORE_NATIVE", how)
+        store = Store.open(tmp_path / "store")
+        try:
+            with store.engine.connect() as conn:
+                gen = generations.resolve(conn, res.generation.gen_id)
+            with store_lock(store.root, "materialize"):
+                trees[how] = snap = snapshot(mat.materialize(store, gen)[0])
+                gc_tree = mat.tree_path(store, gen)
+                os.rename(gc_tree, tmp_path / f"tree-{how}")  # the next materialize makes it anew
+                os.unlink(mat.keys_path(gc_tree))
+        finally:
+            store.close()
+        assert not diff_snapshots(_unlinked(snapshot(tree)), _unlinked(snap))
+    assert write_calls and sum(write_calls) >= 200, write_calls
+    assert trees["0"] == trees["1"]
+
+
+def _unlinked(snap: dict[bytes, dict[str, object]]) -> dict[bytes, dict[str, object]]:
+    """Without hardlink groups: a materialized tree links files with the same content and metadata."""
+    return {p: {k: v for k, v in d.items() if k != "link_group"} for p, d in snap.items()}
