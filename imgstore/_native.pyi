@@ -2,10 +2,14 @@
 def read_files(
     files: list[tuple[bytes, int, int, int, int]], buf: memoryview, offset: int, limit: int, /
 ) -> list[bytes | None]: ...
-def write_files(
+def fill(
     root_fd: int,
-    block: bytes,
-    entries: list[tuple[bytes, bytes | None, int, int, bytes, int, int, int, int, list[tuple[bytes, bytes]]]],
+    groups: list[tuple[int, int, int, list[tuple[bytes, bytes | None, bytes | None, int, int, bytes,
+                                                 tuple[int, int, int, int], list[tuple[bytes, bytes]], bool]]]],
     own: bool,
+    threads: int,
     /,
-) -> int: ...
+) -> list[tuple[int, int]]: ...
+def link_files(
+    root_fd: int, links: list[tuple[int, bytes, bytes, bool, int, tuple[int, int, int, int]]], own: bool, /
+) -> list[int]: ...

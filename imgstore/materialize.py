@@ -44,7 +44,7 @@ from .errors import ImgstoreError
 from .forkjoin import run_split
 from .generations import Generation
 from .manifest import DIR, FILE, SYMLINK, Entry
-from .objects import PackSlot
+from .objects import ObjectStore, PackSlot
 from .store import Store
 
 MAT = "mat"
@@ -154,7 +154,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
                 _make_dirs(es, root_fd)
                 with writing_back(store.root):
                     _fill(store, make, root_fd)
-                restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make},
+                made = {id(e) for e in make} | _link_natively(es, sources, root_fd)
+                restore(store.objects, es, staging, own=os.geteuid() == 0, made=made,
                         link_source=lambda e: sources.get(id(e)))
             _write_keys(keys_tmp, keys)
         finally:
@@ -265,70 +266,76 @@ def _make_dirs(es: list[Entry], root_fd: int) -> None:
 
 
 def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
-    """Make the new files and symlinks in the tree, in two processes (forkjoin): creating a file is mostly
-    kernel time (ext4 here: about as much as ostree's copy checkout spends), which two processes spend in
-    parallel. Files that come from the same block go to the same process, whose cache holds the block; the
-    Rust write loop (native.py) makes each block's files, and the symlinks, a run at a time."""
-    index = store.objects.index
+    """Make the new files and symlinks in the tree: creating a file is mostly kernel time (ext4 here: about as
+    much as ostree's copy checkout spends), and reading one means decompressing its block, both spent on
+    every core. The Rust write loop (native.py) does it all in threads with the GIL released, each taking the
+    next block's files; without it, two processes (forkjoin) share the blocks. What the loop leaves (an
+    error, damaged content) is made here afterwards, which raises the error with its message."""
+    objects = store.objects
+    index = objects.index
     groups: dict[object, list[tuple[Entry, PackSlot | None]]] = {}
     symlinks = 0
     for e in make:
         slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
         if slot is not None:
-            key: object = (slot.pack, slot.offset)
+            key: object = (slot.pack, slot.offset)  # the files of a block together: it is decompressed once
         elif e.type == SYMLINK:
             key, symlinks = (None, symlinks // SYMLINK_RUN), symlinks + 1
         else:
             key = id(e)  # a loose object: a group of its own
         groups.setdefault(key, []).append((e, slot))
     own = os.geteuid() == 0
-    write = native.writer()
-
-    def fill(group: list[tuple[Entry, PackSlot | None]]) -> None:
-        if write is None:
+    fill_natively = native.filler()
+    if fill_natively is None:
+        def fill(group: list[tuple[Entry, PackSlot | None]]) -> None:
             for e, _ in group:
                 _make_here(store, root_fd, e, own)
+            faults.point("materialize.in-fill")
+
+        run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
+        return
+    work = list(groups.values())
+    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, os.cpu_count() or 1)
+    faults.point("materialize.in-fill")
+    for gi, i in left:
+        _make_here(store, root_fd, work[gi][i][0], own)
+
+
+SYMLINK_RUN = 512  # symlinks a thread of the write loop makes in a row
+
+
+def _group(objects: ObjectStore, group: list[tuple[Entry, PackSlot | None]]) -> native.MakeGroup:
+    """What the write loop needs to make a group: where its block is, and each entry."""
+    slot = group[0][1]
+    specs: list[native.MakeSpec] = []
+    for e, s in group:
+        meta = (e.uid, e.gid, e.mode, e.mtime_ns)
+        if e.type == SYMLINK:
+            specs.append((e.path, e.target, None, 0, 0, b"", meta, list(e.xattrs), False))
         else:
-            _fill_natively(write, store, root_fd, group, own)
-        faults.point("materialize.in-fill")
-
-    run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
-
-
-SYMLINK_RUN = 512  # symlinks made by one call of the write loop
-
-
-def _fill_natively(write: native.NativeWrite, store: Store, root_fd: int,
-                   group: list[tuple[Entry, PackSlot | None]], own: bool) -> None:
-    """Make a group (one block's files, or symlinks) in runs of the Rust loop. What it leaves (a sparse or loose
-    file, or one it could not make: an error, a content that does not match its digest) is made here, which
-    raises the error with its message; the loop then goes on after it."""
-    first, slot = group[0]
-    block = store.objects.block(slot, first.digest) if slot is not None else b""
-    i = 0
-    while i < len(group):
-        run: list[native.MakeSpec] = []
-        for e, s in group[i:]:
-            spec = _spec(e, s)
-            if spec is None:
-                break
-            run.append(spec)
-        if run:
-            i += write(root_fd, block, run, own)
-        if i < len(group):
-            _make_here(store, root_fd, group[i][0], own)
-            i += 1
+            loose = None if s is not None else os.fsencode(objects.loose_path(e.digest))
+            specs.append((e.path, None, loose, s.inner if s else 0, e.size, bytes.fromhex(e.digest), meta,
+                          list(e.xattrs), e.sparse))
+    if slot is None:
+        return -1, 0, 0, specs
+    return objects.pack_fd(slot.pack), slot.offset, slot.clen, specs
 
 
-def _spec(e: Entry, slot: PackSlot | None) -> native.MakeSpec | None:
-    """What the write loop needs to make `e`; None for what only Python makes (sparse files keep their holes,
-    loose objects are read in chunks)."""
-    if e.type == SYMLINK:
-        return e.path, e.target, 0, 0, b"", e.uid, e.gid, e.mode, e.mtime_ns, list(e.xattrs)
-    if slot is None or e.sparse:
-        return None
-    return (e.path, None, slot.inner, e.size, bytes.fromhex(e.digest), e.uid, e.gid, e.mode, e.mtime_ns,
-            list(e.xattrs))
+def _link_natively(es: list[Entry], sources: dict[int, tuple[int, bytes]], root_fd: int) -> set[int]:
+    """Hardlink the entries that have a source (another tree's file, or an earlier path of this tree), in the
+    Rust link loop where it is built; return the ids of those linked. restore() does the rest as it would
+    have: a source that is not what its entry says, or at the link limit, gets a new file."""
+    link = native.linker()
+    if link is None or not sources:
+        return set()
+    todo = [e for e in es if id(e) in sources]
+    specs: list[native.LinkSpec] = []
+    for e in todo:
+        fd, path = sources[id(e)]
+        size = e.size if e.type == FILE else len(e.target)
+        specs.append((fd, path, e.path, e.type == FILE, size, (e.uid, e.gid, e.mode, e.mtime_ns)))
+    failed = set(link(root_fd, specs, os.geteuid() == 0))
+    return {id(e) for i, e in enumerate(todo) if i not in failed}
 
 
 def _make_here(store: Store, root_fd: int, e: Entry, own: bool) -> None:

@@ -22,21 +22,42 @@ def reader() -> NativeRead | None:
     return read_files
 
 
-# (path, symlink target or None, offset in the block, size, raw digest, uid, gid, mode, mtime_ns, xattrs).
-MakeSpec = tuple[bytes, bytes | None, int, int, bytes, int, int, int, int, list[tuple[bytes, bytes]]]
-# root fd, the decompressed block the files' contents are in, what to make, own -> how many were made.
-NativeWrite = Callable[[int, bytes, list[MakeSpec], bool], int]
+# (path, symlink target or None, loose object's path or None, offset in the block, size, raw digest,
+#  (uid, gid, mode, mtime_ns), xattrs, sparse)
+MakeSpec = tuple[bytes, bytes | None, bytes | None, int, int, bytes, tuple[int, int, int, int],
+                 list[tuple[bytes, bytes]], bool]
+# (pack fd or -1, block offset, block's compressed length, what to make)
+MakeGroup = tuple[int, int, int, list[MakeSpec]]
+# root fd, groups, own, threads -> (group, entry) of each entry not made.
+NativeFill = Callable[[int, list[MakeGroup], bool, int], list[tuple[int, int]]]
 
 
-def writer() -> NativeWrite | None:
-    """The Rust write loop, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+def filler() -> NativeFill | None:
+    """The Rust write loop of materialize, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
     if _turned_off():
         return None
     try:
-        from ._native import write_files
+        from ._native import fill
     except ImportError:
         return None
-    return write_files
+    return fill
+
+
+# (source root fd, path below it, path below root fd, regular file (else symlink), size, (uid, gid, mode, mtime_ns))
+LinkSpec = tuple[int, bytes, bytes, bool, int, tuple[int, int, int, int]]
+# root fd, links, own -> indexes of the links not made.
+NativeLink = Callable[[int, list[LinkSpec], bool], list[int]]
+
+
+def linker() -> NativeLink | None:
+    """The Rust link loop of materialize, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+    if _turned_off():
+        return None
+    try:
+        from ._native import link_files
+    except ImportError:
+        return None
+    return link_files
 
 
 def describe() -> str:
@@ -44,8 +65,8 @@ def describe() -> str:
     if _turned_off():
         return "pure Python: IMGSTORE_NATIVE=0"
     if reader() is None:
-        return "pure Python: the native read loop is not built (scripts/setup.sh installs cargo and the crates)"
-    return "native read loop"
+        return "pure Python: the native loops are not built (scripts/setup.sh installs cargo and the crates)"
+    return "native read and write loops"
 
 
 def _turned_off() -> bool:

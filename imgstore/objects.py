@@ -399,7 +399,8 @@ class ObjectStore:
                 self._writer = None
 
     # -- reading ------------------------------------------------------------------------------
-    def _fd(self, pack: str) -> int:
+    def pack_fd(self, pack: str) -> int:
+        """A read-only descriptor of the pack, open until close()."""
         fd = self._fds.get(pack)
         if fd is None:
             with self._lock:  # two reading threads must not both open it (one descriptor would leak)
@@ -440,7 +441,7 @@ class ObjectStore:
         key = (slot.pack, slot.offset)
         block = cache.pop(key, None)
         if block is None:
-            blob = os.pread(self._fd(slot.pack), slot.clen, slot.offset)
+            blob = os.pread(self.pack_fd(slot.pack), slot.clen, slot.offset)
             try:
                 if zstandard.frame_content_size(blob) > MAX_BLOCK:
                     raise damaged(digest, "is in a block that claims to be larger than any block")

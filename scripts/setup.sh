@@ -8,9 +8,9 @@ export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
-# The read loop in Rust (native/): Debian's compiler and crates, so that it builds offline (.cargo/config.toml).
+# The read and write loops in Rust (native/): Debian's compiler and crates, so that it builds offline (.cargo/config.toml).
 # Without them imgstore still installs and reads in Python; `imgstore --version` says which.
-NATIVE=(cargo librust-pyo3-dev librust-blake3-dev librust-libc-dev)
+NATIVE=(cargo librust-pyo3-dev librust-blake3-dev librust-libc-dev librust-zstd-dev)
 for pkg in "${NATIVE[@]}" "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -55,7 +55,7 @@ def test_the_native_loop_is_built_where_its_toolchain_is(monkeypatch: pytest.Mon
         pytest.skip("no cargo or no librust-pyo3-dev: imgstore installs without the native loop")
     monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
     assert native.reader() is not None, "imgstore/_native is not built: run scripts/setup.sh (as root)"
-    assert native.describe() == "native read loop"
+    assert native.describe() == "native read and write loops"
     monkeypatch.setenv("IMGSTORE_NATIVE", "0")
     assert native.reader() is None and native.describe() == "pure Python: IMGSTORE_NATIVE=0"
 
@@ -242,7 +242,7 @@ def test_without_the_native_module_commit_reads_in_python(tmp_path: Path, monkey
     monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
     monkeypatch.setitem(sys.modules, "imgstore._native", None)  # `import` raises ImportError
     assert native.reader() is None
-    assert native.describe().startswith("pure Python: the native read loop is not built")
+    assert native.describe().startswith("pure Python: the native loops are not built")
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(50):
@@ -255,39 +255,56 @@ def test_without_the_native_module_commit_reads_in_python(tmp_path: Path, monkey
 
 
 @pytest.fixture
-def write_files(monkeypatch: pytest.MonkeyPatch) -> native.NativeWrite:
+def fill(monkeypatch: pytest.MonkeyPatch) -> native.NativeFill:
     monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
-    fn = native.writer()
+    fn = native.filler()
     if fn is None:
         pytest.skip("the native write loop is not built here")
     return fn
 
 
-def _spec(path: bytes, content: bytes = b"", *, target: bytes | None = None, inner: int = 0,
-          digest: bytes | None = None, uid: int = 0, gid: int = 0, mode: int = 0o644, mtime_ns: int = 10**18,
-          xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> native.MakeSpec:
-    return (path, target, inner, len(content), blake3.blake3(content).digest() if digest is None else digest,
-            uid, gid, mode, mtime_ns, list(xattrs))
+def _spec(path: bytes, content: bytes = b"", *, target: bytes | None = None, loose: bytes | None = None,
+          inner: int = 0, digest: bytes | None = None, uid: int = 0, gid: int = 0, mode: int = 0o644,
+          mtime_ns: int = 10**18, xattrs: tuple[tuple[bytes, bytes], ...] = (), sparse: bool = False
+          ) -> native.MakeSpec:
+    return (path, target, loose, inner, len(content), blake3.blake3(content).digest() if digest is None else digest,
+            (uid, gid, mode, mtime_ns), list(xattrs), sparse)
 
 
-def test_write_files_contract(tmp_path: Path, write_files: native.NativeWrite) -> None:
-    """Makes each entry as checkout.make_new does (content, owner, xattrs, mode, times; a symlink not followed);
-    the first one it cannot make exactly ends the run, and nothing of it is left."""
+def test_fill_contract(tmp_path: Path, fill: native.NativeFill) -> None:
+    """Reads and decompresses each group's block once, makes each entry as checkout.make_new does (content,
+    owner, xattrs, mode, times; a symlink not followed; a sparse file with its holes; a loose object streamed),
+    and returns every entry it could not make exactly, leaving nothing of it."""
+    import zstandard
+
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
-    block = b"A" * 100 + b"B" * 100 + b"C" * 10
+    block = b"A" * 100 + b"B" * 100 + b"C" * 10 + bytes(3 * 4096) + b"tail" + bytes(4096)
+    frame = zstandard.ZstdCompressor().compress(block)
+    pack = tmp_path / "pack"
+    pack.write_bytes(b"x" * 10 + frame + b"y" * 10)
+    big = os.urandom(LOOSE_MIN) + bytes(3 << 20) + b"end"  # several chunks, holes after the first
+    loose = tmp_path / "loose"
+    loose.write_bytes(zstandard.ZstdCompressor().compress(big[:5000]) + zstandard.ZstdCompressor().compress(big[5000:]))
     own = os.geteuid() == 0
     xattrs = ((b"user.note", b"with \0 nul"), (b"trusted.t", b"x"))
-    good = [
+    sparse = block[210:210 + 4 * 4096 + 4]
+    specs = [
         _spec(b"a", b"A" * 100, mode=0o4755, uid=1234, gid=5678, mtime_ns=-1_500_000_001, xattrs=xattrs),
         _spec(b"sub/b", b"B" * 100, inner=100, mode=0o000, mtime_ns=1_600_000_000_123_456_789),
+        _spec(b"sparse", sparse, inner=210, sparse=True),
+        _spec(b"empty", b"", inner=len(block)),
+    ]
+    others = [
         _spec(b"sub/link", target=b"../a\xff odd", uid=42, gid=43, mtime_ns=7,
               xattrs=((b"trusted.l", b"y"),) if own else ()),
-        _spec(b"empty", b"", inner=210),
+        _spec(b"big", big, loose=os.fsencode(loose), sparse=True),
+        _spec(b"big-copy", big, loose=os.fsencode(loose)),
     ]
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    pfd = os.open(pack, os.O_RDONLY)
     try:
-        assert write_files(fd, block, good, own) == 4
+        assert fill(fd, [(pfd, 10, len(frame), specs), (-1, 0, 0, others)], own, 2) == []
         a, b, link = os.lstat(out / "a"), os.lstat(out / "sub/b"), os.lstat(out / "sub/link")
         assert (out / "a").read_bytes() == b"A" * 100 and (out / "sub/b").read_bytes() == b"B" * 100
         assert oct(a.st_mode & 0o7777) == "0o4755" and b.st_mode & 0o7777 == 0  # setuid kept: mode after owner
@@ -295,50 +312,65 @@ def test_write_files_contract(tmp_path: Path, write_files: native.NativeWrite) -
         assert os.readlink(os.fsencode(out / "sub/link")) == b"../a\xff odd" and link.st_mtime_ns == 7
         assert os.getxattr(out / "a", "user.note") == b"with \0 nul"
         assert (out / "empty").read_bytes() == b""
+        assert (out / "sparse").read_bytes() == sparse and os.stat(out / "sparse").st_blocks * 512 <= 8192
+        assert (out / "big").read_bytes() == big == (out / "big-copy").read_bytes()
+        assert os.stat(out / "big").st_blocks * 512 < LOOSE_MIN + (1 << 20) < os.stat(out / "big-copy").st_blocks * 512
         if own:
             assert (a.st_uid, a.st_gid, link.st_uid, link.st_gid) == (1234, 5678, 42, 43)
             assert os.getxattr(out / "a", "trusted.t") == b"x"
             assert os.getxattr(out / "sub/link", "trusted.l", follow_symlinks=False) == b"y"
         # Not own: no owner, no privileged xattrs (as an unprivileged checkout).
-        assert write_files(fd, block, [_spec(b"c", b"C" * 10, inner=200, uid=1234, xattrs=xattrs)], False) == 1
+        assert fill(fd, [(pfd, 10, len(frame), [_spec(b"c", b"C" * 10, inner=200, uid=1234, xattrs=xattrs)])],
+                    False, 1) == []
         assert os.lstat(out / "c").st_uid == os.geteuid() and os.listxattr(out / "c") == ["user.note"]
-        # Each of these ends the run where it is, leaving nothing of itself and not touching what follows.
-        for bad in (_spec(b"bad", b"A" * 100, digest=bytes(32)),  # a content that is not what its digest says
-                    _spec(b"bad", b"C" * 20, inner=200),  # past the end of the block
-                    _spec(b"a", b"A" * 100),  # a name that exists (never replaced, never followed)
-                    _spec(b"sub/link/x", b"A" * 100),  # below a symlink
-                    _spec(b"missing/bad", b"A" * 100),  # in a directory that does not exist
-                    _spec(b"bad", b"A" * 100, xattrs=((b"nonsense.ns", b"v"),)),  # an xattr the system refuses
-                    _spec(b"bad\0nul", b"A" * 100),  # a name the system cannot take
-                    _spec(b"bad", target=b"t", xattrs=((b"user.x", b"v"),)),  # user xattrs on a symlink: EPERM
-                    _spec(b"sub/link", target=b"again")):
-            assert write_files(fd, block, [_spec(b"first", b""), bad, _spec(b"after", b"")], own) == 1, bad
-            assert not os.path.lexists(out / "bad") and not os.path.lexists(out / "after")
-            os.unlink(out / "first")
+        # Each of these is returned, leaves nothing of itself and does not stop the others.
+        bad = [_spec(b"bad0", b"A" * 100, digest=bytes(32)),  # a content that is not what its digest says
+               _spec(b"bad1", b"C" * 20, inner=200),  # past the end of the block
+               _spec(b"a", b"A" * 100),  # a name that exists (never replaced, never followed)
+               _spec(b"sub/link/x", b"A" * 100),  # below a symlink
+               _spec(b"missing/bad2", b"A" * 100),  # in a directory that does not exist
+               _spec(b"bad3", b"A" * 100, xattrs=((b"nonsense.ns", b"v"),)),  # an xattr the system refuses
+               _spec(b"bad\0nul", b"A" * 100),  # a name the system cannot take
+               _spec(b"bad4", target=b"t", xattrs=((b"user.x", b"v"),)),  # user xattrs on a symlink: EPERM
+               _spec(b"sub/link", target=b"again"),  # a symlink that exists
+               _spec(b"bad5", big, loose=os.fsencode(loose), digest=bytes(32)),  # a loose object that lies
+               _spec(b"bad6", big[:10], loose=os.fsencode(loose)),  # longer than its entry says
+               _spec(b"bad7", big, loose=os.fsencode(tmp_path / "gone"))]  # a missing loose object
+        oks = [_spec(b"ok%d" % i, b"C" * 10, inner=200) for i in range(len(bad))]
+        mixed = [x for pair in zip(bad, oks, strict=True) for x in pair]
+        assert fill(fd, [(pfd, 10, len(frame), mixed)], own, 2) == [(0, i) for i in range(0, len(mixed), 2)]
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("bad")) == []
+        assert all((out / f"ok{i}").read_bytes() == b"C" * 10 for i in range(len(bad)))
+        # A block that cannot be read or decompressed: all its entries are returned.
+        for where in ((pfd, 11, len(frame)), (pfd, 10, len(frame) - 1), (pfd, 10**9, 100), (-5, 10, len(frame))):
+            groups = [(-1, 0, 0, [_spec(b"fine", target=b"t")]), (*where, specs[:2])]
+            assert fill(fd, groups, own, 2) == [(1, 0), (1, 1)]
+            os.unlink(out / "fine")
     finally:
         os.close(fd)
+        os.close(pfd)
     assert os.readlink(os.fsencode(out / "sub/link")) == b"../a\xff odd" and (out / "a").read_bytes() == b"A" * 100
 
 
 @pytest.fixture
-def write_calls(monkeypatch: pytest.MonkeyPatch, write_files: native.NativeWrite) -> list[int]:
-    """How many entries each call of the real write loop made in this process (materialize's forked child
-    makes about half the files: its calls are not counted here)."""
+def fill_calls(monkeypatch: pytest.MonkeyPatch, fill: native.NativeFill) -> list[int]:
+    """How many entries each call of the real write loop was given, and made."""
     made: list[int] = []
 
-    def counting(root_fd: int, block: bytes, specs: list[native.MakeSpec], own: bool) -> int:
-        n = write_files(root_fd, block, specs, own)
-        made.append(n)
-        return n
+    def counting(root_fd: int, groups: list[native.MakeGroup], own: bool, threads: int) -> list[tuple[int, int]]:
+        left = fill(root_fd, groups, own, threads)
+        made.append(sum(len(g[3]) for g in groups) - len(left))
+        return left
 
-    monkeypatch.setattr(native, "writer", lambda: counting)
+    monkeypatch.setattr(native, "filler", lambda: None if os.environ.get("IMGSTORE_NATIVE") == "0" else counting)
     return made
 
 
 def test_native_and_python_loops_materialize_the_same_tree(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_calls: list[int]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_calls: list[int]) -> None:
     """Both loops lay out the committed tree exactly (owners, modes, xattrs on files and symlinks, times, odd
-    names, sparse and loose files, a path past LONG_PATH); the native one makes most files."""
+    names, sparse and loose files, a path past LONG_PATH); the native one makes all but what the system cannot
+    take from it (a path past PATH_MAX, made by Python through its parent)."""
     from imgstore import generations
     from imgstore import materialize as mat
     from imgstore.locking import store_lock
@@ -374,10 +406,61 @@ def test_native_and_python_loops_materialize_the_same_tree(
         finally:
             store.close()
         assert not diff_snapshots(_unlinked(snapshot(tree)), _unlinked(snap))
-    assert write_calls and sum(write_calls) >= 200, write_calls
+    assert len(fill_calls) == 1 and fill_calls[0] >= 600, fill_calls  # one call; all but what Python makes
     assert trees["0"] == trees["1"]
 
 
 def _unlinked(snap: dict[bytes, dict[str, object]]) -> dict[bytes, dict[str, object]]:
     """Without hardlink groups: a materialized tree links files with the same content and metadata."""
     return {p: {k: v for k, v in d.items() if k != "link_group"} for p, d in snap.items()}
+
+
+def test_the_link_loop_shares_what_is_the_same_and_copies_what_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second generation's tree hardlinks the first tree's files and symlinks through the Rust link loop,
+    except a source changed by hand (it gets a new file) and what changed; the tree is exact either way."""
+    from imgstore import materialize as mat
+    from imgstore.locking import store_lock
+
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    link = native.linker()
+    if link is None:
+        pytest.skip("the native link loop is not built here")
+    given: list[int] = []
+    left: list[int] = []
+
+    def counting(root_fd: int, specs: list[native.LinkSpec], own: bool) -> list[int]:
+        out = link(root_fd, specs, own)
+        given.append(len(specs))
+        left.extend(out)
+        return out
+
+    monkeypatch.setattr(native, "linker", lambda: counting)
+    tree = tmp_path / "tree"
+    for i in range(300):
+        p = tree / f"d{i % 7}" / f"f{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"%d\n" % i * 50)
+        os.utime(p, ns=(i, i))
+    os.symlink("d0/f0", tree / "link")
+    os.symlink("d0/f0", tree / "link2")  # the same key: linked from "link" within the tree
+    first = _commit(tmp_path / "store", tree).generation
+    (tree / "d1" / "f1").write_bytes(b"changed")
+    os.chmod(tree / "d2" / "f2", 0o600)
+    store = Store.open(tmp_path / "store")
+    try:
+        write_profile(store.root, "t", "[commit]\ndefault_excludes = false\nrequire_kernel = false\n")
+        second = commit.commit(store, tree, "t", no_kernel=True).generation
+        with store_lock(store.root, "materialize"):
+            one = mat.materialize(store, first)[0]
+            given.clear()
+            os.chmod(one / "d3" / "f3", 0o640)  # changed by hand: its entry says 0o644
+            two = mat.materialize(store, second)[0]
+    finally:
+        store.close()
+    assert not diff_snapshots(_unlinked(snapshot(tree)), _unlinked(snapshot(two)))
+    assert given == [300 + 2 - 2]  # all but the two files that changed
+    assert len(left) == 1  # d3/f3: made anew by restore
+    same = lambda rel: os.lstat(one / rel).st_ino == os.lstat(two / rel).st_ino  # noqa: E731
+    assert same("d0/f0") and same("d4/f4") and same("link") and not same("d3/f3") and not same("d1/f1")
+    assert os.lstat(two / "link2").st_ino == os.lstat(two / "link").st_ino

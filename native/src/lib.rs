@@ -9,6 +9,7 @@
 //! Python reads that one itself, with its retries and its error messages.
 
 use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
@@ -118,13 +119,20 @@ fn read_files(py: Python<'_>, files: &PyList, buf: &PyAny, offset: usize, limit:
     Ok(list.into())
 }
 
-/// One file or symlink for write_files: where, what, and the metadata the manifest records.
+/// Where a new file's content comes from.
+enum Source {
+    Block { inner: usize },  // the group's decompressed block, at this offset
+    Loose { object: CString }, // a loose object: one zstd stream (of one or more frames)
+    Symlink { target: CString },
+}
+
+/// One file or symlink for fill: where, what, and the metadata the manifest records.
 struct Make {
     path: CString,
-    target: Option<CString>, // a symlink's target; None for a regular file
-    inner: usize,            // a file's content: block[inner..inner + size], whose BLAKE3 must be digest
+    source: Source,
     size: usize,
     digest: Vec<u8>,
+    sparse: bool,
     uid: u32,
     gid: u32,
     mode: u32,
@@ -132,19 +140,36 @@ struct Make {
     xattrs: Vec<(CString, Vec<u8>)>,
 }
 
+/// The files of one block of a pack (or loose files and symlinks, with pack -1).
+struct Group {
+    pack: libc::c_int,
+    offset: u64,
+    clen: usize,
+    makes: Vec<Make>,
+}
+
 const PRIVILEGED_XATTRS: [&[u8]; 2] = [b"security.", b"trusted."];
+const MAX_BLOCK: usize = 2 << 20; // objects.MAX_BLOCK: a frame that claims more is refused
+const ZERO_BLOCK: usize = 4096; // checkout.ZERO_BLOCK: a sparse file's all-zero blocks become holes
+const CHUNK: usize = 1 << 20;
 
 fn wanted_xattrs<'a>(m: &'a Make, own: bool) -> impl Iterator<Item = &'a (CString, Vec<u8>)> {
     m.xattrs.iter().filter(move |(k, _)| own || !PRIVILEGED_XATTRS.iter().any(|p| k.as_bytes().starts_with(p)))
 }
 
-/// Writes all of `data` to fd (a new file: short writes are continued, EINTR retried).
+/// Writes `data` at `pos` of fd: all of it, or only its blocks that are not all zero when `sparse`.
 ///
 /// SAFETY (of the caller): fd is an open descriptor.
-unsafe fn write_all(fd: libc::c_int, data: &[u8]) -> bool {
+unsafe fn write_at(fd: libc::c_int, data: &[u8], pos: usize, sparse: bool) -> bool {
+    if sparse {
+        return data.chunks(ZERO_BLOCK).enumerate().all(|(i, piece)| {
+            piece.iter().all(|&b| b == 0) || write_at(fd, piece, pos + i * ZERO_BLOCK, false)
+        });
+    }
     let mut n = 0usize;
     while n < data.len() {
-        let got = libc::write(fd, data.as_ptr().add(n) as *const libc::c_void, data.len() - n);
+        let at = (pos + n) as libc::off_t;
+        let got = libc::pwrite(fd, data.as_ptr().add(n) as *const libc::c_void, data.len() - n, at);
         if got < 0 && *libc::__errno_location() == libc::EINTR {
             continue;
         }
@@ -156,12 +181,59 @@ unsafe fn write_all(fd: libc::c_int, data: &[u8]) -> bool {
     true
 }
 
+/// Reads until `buf` is full or the stream ends; how much was read, None on an error.
+fn fill_buf(r: &mut impl std::io::Read, buf: &mut [u8]) -> Option<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+    Some(n)
+}
+
+/// Writes a loose object's content into fd, checking its size and digest as it goes.
+///
+/// SAFETY (of the caller): fd is an open descriptor.
+unsafe fn write_loose(fd: libc::c_int, object: &CString, m: &Make, buf: &mut Vec<u8>) -> bool {
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(object.as_bytes()));
+    let mut stream = match std::fs::File::open(path).and_then(zstd::stream::read::Decoder::new) {
+        Ok(stream) => stream,
+        Err(_) => return false,
+    };
+    buf.resize(CHUNK, 0);
+    let mut hasher = blake3::Hasher::new();
+    let mut pos = 0usize;
+    loop {
+        let n = match fill_buf(&mut stream, &mut buf[..]) {
+            Some(n) => n,
+            None => return false,
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if pos + n > m.size || !write_at(fd, &buf[..n], pos, m.sparse) {
+            return false;
+        }
+        pos += n;
+    }
+    pos == m.size && hasher.finalize().as_bytes()[..] == m.digest[..]
+}
+
 /// Makes one regular file below root_fd, as checkout.make_new does: content, then owner (which clears setuid
 /// and capabilities), xattrs, mode, times. False (and nothing left behind) on any failure or a content that
 /// does not hash to its digest.
-fn make_file(root_fd: libc::c_int, block: &[u8], m: &Make, own: bool) -> bool {
-    let content = match block.get(m.inner..m.inner + m.size) {
-        Some(c) if blake3::hash(c).as_bytes()[..] == m.digest[..] => c,
+fn make_file(root_fd: libc::c_int, block: Option<&[u8]>, m: &Make, own: bool, buf: &mut Vec<u8>) -> bool {
+    let content = match (&m.source, block) {
+        (Source::Block { inner }, Some(block)) => match inner.checked_add(m.size).and_then(|end| block.get(*inner..end)) {
+            Some(c) if blake3::hash(c).as_bytes()[..] == m.digest[..] => Some(c),
+            _ => return false,
+        },
+        (Source::Loose { .. }, _) => None,
         _ => return false,
     };
     // SAFETY: plain system calls on a descriptor this function owns and closes; the pointers passed are
@@ -172,7 +244,13 @@ fn make_file(root_fd: libc::c_int, block: &[u8], m: &Make, own: bool) -> bool {
         if fd < 0 {
             return false;
         }
-        let mut ok = write_all(fd, content) && (!own || libc::fchown(fd, m.uid, m.gid) == 0);
+        let mut ok = match (&m.source, content) {
+            (_, Some(c)) => write_at(fd, c, 0, m.sparse),
+            (Source::Loose { object }, None) => write_loose(fd, object, m, buf),
+            _ => false,
+        };
+        ok = ok && (!m.sparse || libc::ftruncate(fd, m.size as libc::off_t) == 0);
+        ok = ok && (!own || libc::fchown(fd, m.uid, m.gid) == 0);
         for (k, v) in wanted_xattrs(m, own) {
             ok = ok && libc::fsetxattr(fd, k.as_ptr(), v.as_ptr() as *const libc::c_void, v.len(), 0) == 0;
         }
@@ -221,65 +299,282 @@ fn make_symlink(root_fd: libc::c_int, m: &Make, target: &CString, own: bool) -> 
     }
 }
 
-type MakeItem<'a> = (&'a [u8], Option<&'a [u8]>, usize, usize, &'a [u8], u32, u32, u32, i64, Vec<(&'a [u8], &'a [u8])>);
+/// The decompressed block of a group (pread of its frame, then zstd), into `out`; false if it cannot be read
+/// or is not a frame of at most MAX_BLOCK bytes.
+fn read_block(g: &Group, z: &mut zstd::bulk::Decompressor<'_>, frame: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
+    frame.resize(g.clen, 0);
+    let mut n = 0usize;
+    while n < g.clen {
+        // SAFETY: a read into the owned buffer's remaining g.clen - n bytes.
+        let got = unsafe {
+            libc::pread(g.pack, frame.as_mut_ptr().add(n) as *mut libc::c_void, g.clen - n,
+                        (g.offset as usize + n) as libc::off_t)
+        };
+        if got < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if got <= 0 {
+            return false;
+        }
+        n += got as usize;
+    }
+    out.clear();
+    out.reserve(MAX_BLOCK);
+    z.decompress_to_buffer(&frame[..], out).is_ok()
+}
 
-/// write_files(root_fd, block, entries, own) -> how many of the entries were made, in order.
+/// Makes a group's entries; pushes (group, entry) of each it could not make.
+fn fill_group(root_fd: libc::c_int, gi: usize, g: &Group, own: bool, bufs: &mut Buffers, failed: &mut Vec<(usize, usize)>) {
+    let block = if g.pack >= 0 {
+        if read_block(g, &mut bufs.z, &mut bufs.frame, &mut bufs.block) {
+            Some(&bufs.block[..])
+        } else {
+            failed.extend((0..g.makes.len()).map(|i| (gi, i)));
+            return;
+        }
+    } else {
+        None
+    };
+    for (i, m) in g.makes.iter().enumerate() {
+        let ok = match &m.source {
+            Source::Symlink { target } => make_symlink(root_fd, m, target, own),
+            _ => make_file(root_fd, block, m, own, &mut bufs.chunk),
+        };
+        if !ok {
+            failed.push((gi, i));
+        }
+    }
+}
+
+struct Buffers {
+    z: zstd::bulk::Decompressor<'static>,
+    frame: Vec<u8>,
+    block: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+type MakeItem<'a> = (&'a [u8], Option<&'a [u8]>, Option<&'a [u8]>, usize, usize, &'a [u8], (u32, u32, u32, i64), Vec<(&'a [u8], &'a [u8])>, bool);
+
+fn to_make(item: &PyAny) -> PyResult<Option<Make>> {
+    let (path, target, object, inner, size, digest, (uid, gid, mode, mtime_ns), xattrs, sparse): MakeItem = item.extract()?;
+    let path = match CString::new(path) {
+        Ok(path) => path,
+        Err(_) => return Ok(None), // a name with a NUL byte: Python refuses it with its own message
+    };
+    let source = match (target.map(CString::new).transpose(), object.map(CString::new).transpose()) {
+        (Ok(Some(target)), _) => Source::Symlink { target },
+        (Ok(None), Ok(Some(object))) => Source::Loose { object },
+        (Ok(None), Ok(None)) => Source::Block { inner },
+        _ => return Ok(None),
+    };
+    let named: Result<Vec<(CString, Vec<u8>)>, _> =
+        xattrs.into_iter().map(|(k, v)| CString::new(k).map(|k| (k, v.to_vec()))).collect();
+    let xattrs = match named {
+        Ok(named) => named,
+        Err(_) => return Ok(None),
+    };
+    let mtime = libc::timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as libc::c_long,
+    };
+    Ok(Some(Make { path, source, size, digest: digest.to_vec(), sparse, uid, gid, mode, mtime, xattrs }))
+}
+
+/// fill(root_fd, groups, own, threads) -> [(group, entry)] of the entries not made, in order.
 ///
-/// `entries`: (path below root_fd, symlink target or None, offset of the content in `block`, size, BLAKE3
-/// digest (32 bytes), uid, gid, mode, mtime_ns, xattrs). A regular file's content is `block[offset:offset +
-/// size]`. Owner and privileged xattrs are set only if `own`. It never decides anything: the first entry it
-/// cannot make exactly (an error of any kind, a content that does not hash to its digest) stops the run,
-/// and is left for Python to make, with its error messages; nothing of it is left behind.
+/// `groups`: (pack fd or -1, block offset, block's compressed length, entries); an entry is (path below
+/// root_fd, symlink target or None, loose object's path or None, offset of the content in the block, size,
+/// BLAKE3 digest (32 bytes), (uid, gid, mode, mtime_ns), xattrs, sparse). Each group's block is read and
+/// decompressed once, and its entries made as checkout.make_new does; owner and privileged xattrs only if
+/// `own`. `threads` threads take the next group as each is free, all with the GIL released. It never decides
+/// anything: an entry it cannot make exactly (an error of any kind, a block or object that cannot be read or
+/// does not hash to its digest) leaves nothing of itself and is returned, for Python to make with its error
+/// messages.
 #[pyfunction]
-fn write_files(py: Python<'_>, root_fd: i32, block: &PyAny, entries: &PyList, own: bool) -> PyResult<usize> {
-    let view = PyBuffer::<u8>::get(block)?;
-    if !view.is_c_contiguous() {
-        return Err(pyo3::exceptions::PyTypeError::new_err("write_files needs a contiguous buffer"));
+fn fill(py: Python<'_>, root_fd: i32, groups: &PyList, own: bool, threads: usize) -> PyResult<Vec<(usize, usize)>> {
+    let mut work = Vec::with_capacity(groups.len());
+    for item in groups.iter() {
+        let (pack, offset, clen, entries): (i32, u64, usize, &PyList) = item.extract()?;
+        let mut makes = Vec::with_capacity(entries.len());
+        for e in entries.iter() {
+            match to_make(e)? {
+                Some(m) => makes.push(m),
+                None => {
+                    // Not something the system could take (a NUL byte): a placeholder that fails before any
+                    // system call (no block offset fits), so that Python makes it, with its message.
+                    makes.push(Make {
+                        path: CString::default(), source: Source::Block { inner: usize::MAX }, size: 0,
+                        digest: Vec::new(), sparse: false, uid: 0, gid: 0, mode: 0,
+                        mtime: libc::timespec { tv_sec: 0, tv_nsec: 0 }, xattrs: Vec::new(),
+                    });
+                }
+            }
+        }
+        work.push(Group { pack, offset, clen, makes });
     }
-    let mut makes = Vec::with_capacity(entries.len());
-    for item in entries.iter() {
-        let (path, target, inner, size, digest, uid, gid, mode, mtime_ns, xattrs): MakeItem = item.extract()?;
-        // A name with a NUL byte ends the run here: Python refuses it with its own message.
-        let path = match CString::new(path) {
-            Ok(path) => path,
-            Err(_) => break,
-        };
-        let target = match target.map(CString::new).transpose() {
-            Ok(target) => target,
-            Err(_) => break,
-        };
-        let named: Result<Vec<(CString, Vec<u8>)>, _> =
-            xattrs.into_iter().map(|(k, v)| CString::new(k).map(|k| (k, v.to_vec()))).collect();
-        let named = match named {
-            Ok(named) => named,
-            Err(_) => break,
-        };
-        let mtime = libc::timespec {
-            tv_sec: mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
-            tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as libc::c_long,
-        };
-        makes.push(Make { path, target, inner, size, digest: digest.to_vec(), uid, gid, mode, mtime, xattrs: named });
-    }
-    let (base, len) = (view.buf_ptr() as usize, view.len_bytes());
-    let made = py.allow_threads(|| {
-        // SAFETY: the buffer stays exported (neither freed nor resized) while `view` lives, which is until this
-        // function returns; it is only read.
-        let block = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
-        makes
-            .iter()
-            .take_while(|m| match &m.target {
-                Some(target) => make_symlink(root_fd, m, target, own),
-                None => make_file(root_fd, block, m, own),
-            })
-            .count()
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let parts = py.allow_threads(|| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        let z = match zstd::bulk::Decompressor::new() {
+                            Ok(z) => z,
+                            Err(_) => return None,
+                        };
+                        let mut bufs = Buffers { z, frame: Vec::new(), block: Vec::new(), chunk: Vec::new() };
+                        loop {
+                            let gi = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if gi >= work.len() {
+                                return Some(out);
+                            }
+                            fill_group(root_fd, gi, &work[gi], own, &mut bufs, &mut out);
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().ok().flatten()).collect::<Vec<_>>()
+        })
     });
-    drop(view);
-    Ok(made)
+    let mut failed = Vec::new();
+    for part in parts {
+        match part {
+            Some(part) => failed.extend(part),
+            None => return Err(pyo3::exceptions::PyMemoryError::new_err("fill: a worker could not start")),
+        }
+    }
+    failed.sort_unstable();
+    Ok(failed)
+}
+
+/// A file or symlink of another tree (or an earlier path of this one) to hardlink into the new tree.
+struct Link {
+    src_root: libc::c_int,
+    src_path: Vec<u8>,
+    dst: CString,
+    file: bool,
+    size: u64,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime_ns: i64,
+}
+
+/// The directories of the source trees, opened one component at a time (no symlink followed, no '..') and
+/// kept open along the path of the last one, as checkout._SourceDir does: in the manifest's depth-first
+/// order each is opened once.
+#[derive(Default)]
+struct SourceDirs {
+    open: std::collections::HashMap<libc::c_int, Vec<(Vec<u8>, libc::c_int)>>,
+}
+
+impl SourceDirs {
+    fn parent(&mut self, root: libc::c_int, parent: &[u8]) -> Option<libc::c_int> {
+        if parent.is_empty() {
+            return Some(root);
+        }
+        let stack = self.open.entry(root).or_default();
+        while let Some((path, fd)) = stack.last() {
+            if parent == &path[..] || (parent.starts_with(path) && parent.get(path.len()) == Some(&b'/')) {
+                break;
+            }
+            // SAFETY: a descriptor this cache opened and still owns.
+            unsafe { libc::close(*fd) };
+            stack.pop();
+        }
+        let (mut path, mut fd) = stack.last().map(|(p, f)| (p.clone(), *f)).unwrap_or((Vec::new(), root));
+        if path == parent {
+            return Some(fd);
+        }
+        let rest = if path.is_empty() { parent } else { &parent[path.len() + 1..] };
+        for part in rest.split(|&b| b == b'/') {
+            if part.is_empty() || part == b"." || part == b".." {
+                return None;
+            }
+            let name = CString::new(part).ok()?;
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            // SAFETY: a valid directory descriptor and NUL-terminated name; the new descriptor is kept in the
+            // stack and closed by it.
+            let next = unsafe { libc::openat(fd, name.as_ptr(), flags) };
+            if next < 0 {
+                return None;
+            }
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(part);
+            stack.push((path.clone(), next));
+            fd = next;
+        }
+        Some(fd)
+    }
+}
+
+impl Drop for SourceDirs {
+    fn drop(&mut self) {
+        for stack in self.open.values() {
+            for (_, fd) in stack {
+                // SAFETY: descriptors this cache opened and owns.
+                unsafe { libc::close(*fd) };
+            }
+        }
+    }
+}
+
+/// Hardlinks one entry if its source is what the entry describes (as checkout._link checks: type, size,
+/// owner where `own`, mode of a regular file, mtime).
+fn link_one(root_fd: libc::c_int, l: &Link, dirs: &mut SourceDirs, own: bool) -> bool {
+    let (parent, base) = match l.src_path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&l.src_path[..i], &l.src_path[i + 1..]),
+        None => (&l.src_path[..0], &l.src_path[..]),
+    };
+    let (pfd, base) = match (dirs.parent(l.src_root, parent), CString::new(base)) {
+        (Some(pfd), Ok(base)) => (pfd, base),
+        _ => return false,
+    };
+    // SAFETY: valid descriptors, NUL-terminated names and an owned stat buffer.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(pfd, base.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return false;
+        }
+        let kind = if l.file { libc::S_IFREG } else { libc::S_IFLNK };
+        let same = (st.st_mode & libc::S_IFMT) == kind
+            && st.st_size as u64 == l.size
+            && (!own || (st.st_uid == l.uid && st.st_gid == l.gid))
+            && st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64 == l.mtime_ns
+            && (!l.file || st.st_mode & 0o7777 == l.mode);
+        same && libc::linkat(pfd, base.as_ptr(), root_fd, l.dst.as_ptr(), 0) == 0
+    }
+}
+
+type LinkItem<'a> = (i32, &'a [u8], &'a [u8], bool, u64, (u32, u32, u32, i64));
+
+/// link_files(root_fd, links, own) -> indexes of the links not made, in order.
+///
+/// `links`: (source root fd, path below it, path below root_fd, regular file (else symlink), size (a
+/// symlink's: its target's length), (uid, gid, mode, mtime_ns)), made in order (a link may have an earlier
+/// one as its source), with the GIL released. A source that is not what its entry says, and any error (the
+/// link limit, EPERM, a name with a NUL byte), leaves that link for Python: restore makes a new file there.
+#[pyfunction]
+fn link_files(py: Python<'_>, root_fd: i32, links: &PyList, own: bool) -> PyResult<Vec<usize>> {
+    let mut work = Vec::with_capacity(links.len());
+    for item in links.iter() {
+        let (src_root, src_path, dst, file, size, (uid, gid, mode, mtime_ns)): LinkItem = item.extract()?;
+        let dst = CString::new(dst).unwrap_or_default(); // an empty name fails: Python makes that one
+        work.push(Link { src_root, src_path: src_path.to_vec(), dst, file, size, uid, gid, mode, mtime_ns });
+    }
+    Ok(py.allow_threads(|| {
+        let mut dirs = SourceDirs::default();
+        work.iter().enumerate().filter(|(_, l)| !link_one(root_fd, l, &mut dirs, own)).map(|(i, _)| i).collect()
+    }))
 }
 
 #[pymodule]
 fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_files, m)?)?;
-    m.add_function(wrap_pyfunction!(write_files, m)?)?;
+    m.add_function(wrap_pyfunction!(fill, m)?)?;
+    m.add_function(wrap_pyfunction!(link_files, m)?)?;
     Ok(())
 }
