@@ -1,3 +1,5 @@
+from typing import Any
+
 # The Rust read and write loops (native/src/lib.rs), built by setuptools-rust when cargo and Debian's crates are there.
 def read_files(
     files: list[tuple[bytes, int, int, int, int]], buf: memoryview, offset: int, limit: int, /
@@ -13,3 +15,4 @@ def fill(
 def link_files(
     root_fd: int, links: list[tuple[int, bytes, bytes, bool, int, tuple[int, int, int, int]]], own: bool, /
 ) -> list[int]: ...
+def decode_manifest(body: bytes, entry: type, /) -> list[Any] | None: ...

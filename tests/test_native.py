@@ -461,6 +461,123 @@ def test_the_link_loop_shares_what_is_the_same_and_copies_what_is_not(
     assert not diff_snapshots(_unlinked(snapshot(tree)), _unlinked(snapshot(two)))
     assert given == [300 + 2 - 2]  # all but the two files that changed
     assert len(left) == 1  # d3/f3: made anew by restore
-    same = lambda rel: os.lstat(one / rel).st_ino == os.lstat(two / rel).st_ino  # noqa: E731
+
+    def same(rel: str) -> bool:
+        return os.lstat(one / rel).st_ino == os.lstat(two / rel).st_ino
+
     assert same("d0/f0") and same("d4/f4") and same("link") and not same("d3/f3") and not same("d1/f1")
     assert os.lstat(two / "link2").st_ino == os.lstat(two / "link").st_ino
+
+
+# -- the manifest decoder -----------------------------------------------------------------------------------------
+
+
+def _decode_both(data: bytes) -> tuple[list[object] | None, list[object] | BaseException]:
+    """(what the native decoder gives, what manifest.decode in Python gives or raises)."""
+    from imgstore import manifest
+
+    fast = native.decoder()
+    if fast is None:
+        pytest.skip("the native manifest decoder is not built here")
+    got = fast(data[len(manifest.HEADER):], manifest.Entry)
+    saved = os.environ.get("IMGSTORE_NATIVE")
+    os.environ["IMGSTORE_NATIVE"] = "0"
+    try:
+        want: list[object] | BaseException = list(manifest.decode(data))
+    except Exception as exc:  # noqa: BLE001  # what Python refuses, the native decoder must refuse too
+        want = exc
+    finally:
+        if saved is None:
+            del os.environ["IMGSTORE_NATIVE"]
+        else:
+            os.environ["IMGSTORE_NATIVE"] = saved
+    return got, want
+
+
+def test_decode_manifest_of_a_real_tree_is_pythons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    tree = tmp_path / "tree"
+    make_nasty_tree(tree)
+    os.mknod(tree / "fifo", 0o600 | 0o010000)
+    res = _commit(tmp_path / "store", tree)
+    store = Store.open(tmp_path / "store")
+    try:
+        data = store.objects.read(res.generation.manifest)
+    finally:
+        store.close()
+    got, want = _decode_both(data)
+    assert got is not None and got == want and len(got) > 30
+
+
+_names = st.binary(min_size=1, max_size=12).filter(lambda n: b"/" not in n and b"\0" not in n
+                                                   and n not in (b".", b".."))
+
+
+@st.composite
+def _manifests(draw: st.DrawFn) -> bytes:
+    from imgstore import manifest
+    from imgstore.manifest import Entry
+
+    es = [Entry(b".", "d", 0o755, 0, 0, 0)]
+    dirs = [b"."]
+    files: list[bytes] = []
+    for name in draw(st.lists(_names, max_size=25, unique=True)):
+        parent = draw(st.sampled_from(dirs))
+        path = name if parent == b"." else parent + b"/" + name
+        kind = draw(st.sampled_from("fdlhcbp" if files else "fdlcbp"))
+        mode, uid, gid = draw(st.integers(0, 0o7777)), draw(st.integers(0, 2**32)), draw(st.integers(0, 70000))
+        mtime = draw(st.integers(-2**63, 2**63 - 1))
+        xattrs = tuple(draw(st.lists(st.tuples(st.binary(min_size=1, max_size=8), st.binary(max_size=8)), max_size=2)))
+        size, digest, target, rdev, sparse = 0, "", b"", (0, 0), False
+        if kind == "f":
+            size, digest = draw(st.integers(0, 2**40)), draw(st.binary(min_size=32, max_size=32)).hex()
+            sparse = draw(st.booleans())
+        elif kind == "l":
+            target = draw(st.binary(max_size=20))
+        elif kind == "h":
+            target = draw(st.sampled_from(files))
+        elif kind in "cb":
+            rdev = (draw(st.integers(0, 4095)), draw(st.integers(0, 2**20)))
+        es.append(Entry(path, kind, mode, uid, gid, mtime, size, digest, target, rdev, xattrs, sparse))
+        if kind == "d":
+            dirs.append(path)
+        elif kind == "f":
+            files.append(path)
+    es.sort(key=lambda e: manifest.sort_key(e.path))
+    return b"".join(manifest.encode(es))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_manifests(), st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(
+    [b"", b"\t", b"\n", b"-", b"+", b" ", b"_", b"%", b"%4", b"0", b"9", b"f", b"F", b"/", b".", b",", b"=", b"x",
+     b"\0", b"0o", b"..", b"sparse"])), max_size=3))
+def test_decode_manifest_is_pythons_or_leaves_it_to_python(data: bytes, edits: list[tuple[int, bytes]]) -> None:
+    """On any input, canonical or damaged: the same entries as Python's decode, or None (never entries Python
+    would refuse, never different ones)."""
+    from imgstore import manifest
+
+    for at, text in edits:  # damage it in the header-less part
+        i = len(manifest.HEADER) + at % max(1, len(data) - len(manifest.HEADER))
+        data = data[:i] + text + data[i + 1:]
+    got, want = _decode_both(data)
+    if isinstance(want, BaseException):
+        assert got is None, want
+    else:
+        assert got == want or (edits and got is None)  # an undamaged manifest Python takes: decoded natively
+
+
+@pytest.mark.parametrize("line", [
+    b"a\tf\t0o644\t0\t0\t0\t0\t" + b"a" * 64 + b"\t-",  # int(..., 8) takes a prefix
+    b"a\tf\t644\t 0\t0\t0\t0\t" + b"a" * 64 + b"\t-",  # and spaces
+    b"a\tf\t644\t0\t1_0\t0\t0\t" + b"a" * 64 + b"\t-",  # and underscores
+    b"a\tf\t644\t0\t0\t+5\t0\t" + b"a" * 64 + b"\t-",  # and signs
+    b"a\td\t755\t0\t0\t0\t0\t-\tuser.x=aa bb",  # fromhex takes spaces
+    b"a\td\t755\t0\t0\t0\t0\t-\tuser.x=+f",  # from_str_radix would take a sign: Python refuses it
+    b"a\td\t755\t0\t0\t" + b"9" * 40 + b"\t0\t-\t-",  # more digits than 128 bits hold
+    b"a\td\t755\t-1\t0\t0\t0\t-\t-",  # a negative owner: refused
+])
+def test_decode_manifest_leaves_what_is_not_canonical_to_python(line: bytes) -> None:
+    from imgstore import manifest
+
+    got, want = _decode_both(manifest.HEADER + b".\td\t755\t0\t0\t0\t0\t-\t-\n" + line + b"\n")
+    assert got is None, (got, want)

@@ -571,10 +571,236 @@ fn link_files(py: Python<'_>, root_fd: i32, links: &PyList, own: bool) -> PyResu
     }))
 }
 
+// -- manifest decoding (manifest.decode) ------------------------------------------------------------------
+
+/// %XX (two upper-case hex digits) to its byte, as manifest.unescape does; anything else is kept.
+fn unescape(text: &[u8]) -> Vec<u8> {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'%' {
+            if let (Some(&a), Some(&b)) = (text.get(i + 1), text.get(i + 2)) {
+                if let (Some(a), Some(b)) = (hex(a), hex(b)) {
+                    out.push(a * 16 + b);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(text[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A canonical decimal (an optional '-' for signed, then ASCII digits); None for anything Python's int()
+/// might read differently (signs, spaces, underscores) or that does not fit: Python then decodes the line.
+fn number(text: &[u8], signed: bool) -> Option<i128> {
+    let (neg, digits) = match text.first() {
+        Some(b'-') if signed => (true, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 30 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let v = digits.iter().fold(0i128, |v, d| v * 10 + (d - b'0') as i128);
+    Some(if neg { -v } else { v })
+}
+
+fn from_hex(text: &[u8]) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    fn digit(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8) // ASCII hex digits of either case only (no sign, no space)
+    }
+    text.chunks(2).map(|p| Some(digit(p[0])? * 16 + digit(p[1])?)).collect()
+}
+
+fn safe_path(path: &[u8]) -> bool {
+    path == b"."
+        || (!path.is_empty()
+            && path[0] != b'/'
+            && !path.contains(&0)
+            && path.split(|&b| b == b'/').all(|part| !part.is_empty() && part != b"." && part != b".."))
+}
+
+/// One decoded line: the fields of Entry, in its __init__'s order.
+struct Line {
+    path: Vec<u8>,
+    kind: u8,
+    mode: i128,
+    uid: i128,
+    gid: i128,
+    mtime: i128,
+    size: i128,
+    digest: Option<String>,
+    target: Vec<u8>,
+    rdev: (i128, i128),
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    sparse: bool,
+}
+
+fn decode_line(line: &[u8]) -> Option<Line> {
+    let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+    if fields.len() != 9 || fields[1].len() != 1 || !b"fdlhcbp".contains(&fields[1][0]) {
+        return None;
+    }
+    let kind = fields[1][0];
+    let mode = if !fields[2].is_empty() && fields[2].len() <= 5 && fields[2].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        fields[2].iter().fold(0i128, |v, d| v * 8 + (d - b'0') as i128)
+    } else {
+        return None;
+    };
+    let (uid, gid, mtime, size) =
+        (number(fields[3], false)?, number(fields[4], false)?, number(fields[5], true)?, number(fields[6], false)?);
+    if mode & !0o7777 != 0 {
+        return None;
+    }
+    let data = fields[7];
+    let (mut digest, mut target, mut rdev, mut sparse) = (None, Vec::new(), (0, 0), false);
+    match kind {
+        b'f' => {
+            let (hexd, flag) = match data.iter().position(|&b| b == b',') {
+                Some(i) => (&data[..i], &data[i + 1..]),
+                None => (data, &data[..0]),
+            };
+            if hexd.len() != 64 || !hexd.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+                return None;
+            }
+            digest = Some(String::from_utf8(hexd.to_vec()).ok()?);
+            sparse = flag == b"sparse";
+        }
+        b'l' | b'h' => target = unescape(data),
+        b'c' | b'b' => {
+            let parts: Vec<&[u8]> = data.split(|&b| b == b',').collect();
+            if parts.len() != 2 {
+                return None;
+            }
+            rdev = (number(parts[0], true)?, number(parts[1], true)?);
+        }
+        _ => {}
+    }
+    let mut xattrs = Vec::new();
+    if fields[8] != b"-" {
+        for item in fields[8].split(|&b| b == b',') {
+            let kv: Vec<&[u8]> = item.split(|&b| b == b'=').collect();
+            if kv.len() != 2 {
+                return None;
+            }
+            xattrs.push((unescape(kv[0]), from_hex(kv[1])?));
+        }
+    }
+    Some(Line { path: unescape(fields[0]), kind, mode, uid, gid, mtime, size, digest, target, rdev, xattrs, sparse })
+}
+
+/// Every line decoded and the whole checked as manifest.decode checks it, or None at the first thing that is
+/// not exactly canonical and valid (Python then decodes it, and names what is wrong).
+fn decode_all(data: &[u8]) -> Option<Vec<Line>> {
+    let mut kinds: std::collections::HashMap<Vec<u8>, u8> = std::collections::HashMap::new();
+    let mut open_dirs: Vec<Vec<u8>> = Vec::new();
+    let mut out = Vec::new();
+    for line in data.split(|&b| b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        let e = decode_line(line)?;
+        if !safe_path(&e.path) || kinds.contains_key(&e.path) {
+            return None;
+        }
+        if e.path != b"." {
+            let parent = match e.path.iter().rposition(|&b| b == b'/') {
+                Some(i) => &e.path[..i],
+                None => &b"."[..],
+            };
+            if kinds.get(parent) != Some(&b'd') {
+                return None;
+            }
+            while open_dirs.last().map_or(false, |d| &d[..] != parent) {
+                open_dirs.pop();
+            }
+            if open_dirs.is_empty() {
+                return None;
+            }
+        } else if e.kind != b'd' {
+            return None;
+        }
+        if e.kind == b'd' {
+            open_dirs.push(e.path.clone());
+        }
+        if e.kind == b'h' && (!safe_path(&e.target) || kinds.get(&e.target) != Some(&b'f')) {
+            return None;
+        }
+        kinds.insert(e.path.clone(), e.kind);
+        out.push(e);
+    }
+    if out.first().map(|e| &e.path[..]) != Some(&b"."[..]) {
+        return None;
+    }
+    Some(out)
+}
+
+/// decode_manifest(body, Entry) -> [Entry] or None: the lines after the header, decoded and checked exactly
+/// as manifest.decode does (the same entries), with the GIL released while parsing; None where anything is
+/// not canonical or not valid, for manifest.decode to decode and name.
+#[pyfunction]
+fn decode_manifest(py: Python<'_>, body: &[u8], entry: &PyAny) -> PyResult<PyObject> {
+    let lines = match py.allow_threads(|| decode_all(body)) {
+        Some(lines) => lines,
+        None => return Ok(py.None()),
+    };
+    let list = PyList::empty(py);
+    let empty = PyBytes::new(py, b"");
+    let empty_str = pyo3::types::PyString::new(py, "");
+    let mut kinds: std::collections::HashMap<u8, PyObject> = std::collections::HashMap::new();
+    for e in lines {
+        let kind = kinds
+            .entry(e.kind)
+            .or_insert_with(|| pyo3::types::PyString::new(py, std::str::from_utf8(&[e.kind]).unwrap_or("?")).into())
+            .clone_ref(py);
+        let digest: PyObject = match &e.digest {
+            Some(d) => pyo3::types::PyString::new(py, d).into(),
+            None => empty_str.into(),
+        };
+        let target: PyObject = if e.target.is_empty() { empty.into() } else { PyBytes::new(py, &e.target).into() };
+        let xattrs = pyo3::types::PyTuple::new(
+            py,
+            e.xattrs.iter().map(|(k, v)| (PyBytes::new(py, k), PyBytes::new(py, v)).to_object(py)),
+        );
+        let args = pyo3::types::PyTuple::new(
+            py,
+            [
+                PyBytes::new(py, &e.path).to_object(py),
+                kind,
+                e.mode.to_object(py),
+                e.uid.to_object(py),
+                e.gid.to_object(py),
+                e.mtime.to_object(py),
+                e.size.to_object(py),
+                digest,
+                target,
+                (e.rdev.0, e.rdev.1).to_object(py),
+                xattrs.to_object(py),
+                e.sparse.to_object(py),
+            ],
+        );
+        list.append(entry.call1(args)?)?;
+    }
+    Ok(list.into())
+}
+
 #[pymodule]
 fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_files, m)?)?;
     m.add_function(wrap_pyfunction!(fill, m)?)?;
     m.add_function(wrap_pyfunction!(link_files, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_manifest, m)?)?;
     Ok(())
 }
