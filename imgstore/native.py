@@ -76,6 +76,21 @@ def decoder() -> NativeDecode | None:
     return decode_manifest
 
 
+# records, block format, index offset, pack number, PackIndex.slots -> whether all were valid (and added).
+NativeIndex = Callable[[bytes, bool, int, int, dict[bytes, int]], bool]
+
+
+def indexer() -> NativeIndex | None:
+    """The Rust pack index reader, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+    if _turned_off():
+        return None
+    try:
+        from ._native import add_index_records
+    except ImportError:
+        return None
+    return add_index_records
+
+
 def describe() -> str:
     """What `imgstore --version` says about it."""
     if _turned_off():

@@ -25,6 +25,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import blake3
 import zstandard
 
+from . import native
 from .durable import TMP_PREFIX, fsync_dir, no_space, tmp_name, write_back
 from .errors import IntegrityError
 
@@ -222,8 +223,7 @@ class ObjectStore:
                     seen.add(name)
                     pack_no = idx.new_pack(name)
                     try:
-                        for digest, offset, clen, inner, size in pack_records(self.pack_path(name), name):
-                            idx.add(digest, pack_no, offset, clen, inner, size)
+                        _read_index(idx, pack_no, self.pack_path(name), name)
                     except (IntegrityError, FileNotFoundError):
                         continue  # damaged (verify reports it; its objects count as missing) or removed by gc
             self._index = idx
@@ -631,10 +631,29 @@ def read_pack_index(path: Path, name: str) -> list[tuple[bytes, PackSlot]]:
     return slots
 
 
+def _read_index(idx: PackIndex, pack_no: int, path: Path, name: str) -> None:
+    """Add a pack's objects to idx: a chunk of records at a time in Rust where it is built (a million records
+    in about a tenth of the time), else one at a time."""
+    add = native.indexer()
+    if add is None:
+        for digest, offset, clen, inner, size in pack_records(path, name):
+            idx.add(digest, pack_no, offset, clen, inner, size)
+        return
+    f, index_offset, index_len, blocks = _open_index(path, name)
+    for chunk in _record_chunks(f, index_offset, index_len, name, blocks):
+        if not add(chunk, blocks, index_offset, pack_no, idx.slots):
+            raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+
+
 def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int, int]]:
     """A pack's index: (digest, block offset, block length, offset in the block, size) for each object, from
     a pack of either format. Checks the trailer at once (IntegrityError, FileNotFoundError); decompresses
     the records as they are iterated, so that a million of them never sit in memory as one 56 MB string."""
+    return _records(*_open_index(path, name), name)
+
+
+def _open_index(path: Path, name: str) -> tuple[BinaryIO, int, int, bool]:
+    """The pack open at its index, the index's offset and length, and whether it is of the block format."""
     f = open(path, "rb")
     try:
         f.seek(0, os.SEEK_END)
@@ -649,14 +668,26 @@ def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int, 
     except BaseException:
         f.close()
         raise
-    return _records(f, index_offset, index_len, name, magic == INDEX_MAGIC)
+    return f, index_offset, index_len, magic == INDEX_MAGIC
 
 
-def _records(f: BinaryIO, index_offset: int, index_len: int, name: str,
-             blocks: bool) -> Iterator[tuple[bytes, int, int, int, int]]:
+def _records(f: BinaryIO, index_offset: int, index_len: int, blocks: bool,
+             name: str) -> Iterator[tuple[bytes, int, int, int, int]]:
+    damaged = IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+    rec = _REC if blocks else _REC_1
+    for chunk in _record_chunks(f, index_offset, index_len, name, blocks):
+        for r in rec.iter_unpack(chunk):
+            digest, offset, clen, inner, size = r if blocks else (r[0], r[1], r[2], 0, r[3])
+            if offset + clen > index_offset or inner + size > MAX_BLOCK:
+                raise damaged
+            yield digest, offset, clen, inner, size
+
+
+def _record_chunks(f: BinaryIO, index_offset: int, index_len: int, name: str, blocks: bool) -> Iterator[bytes]:
+    """The index's records, decompressed a megabyte at a time, in chunks of whole records; closes f."""
     damaged = IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
     limit = index_len * 64 + (1 << 20)  # no more than zstd can expand this much to (a hostile pack)
-    rec = _REC if blocks else _REC_1
+    size = (_REC if blocks else _REC_1).size
     with f:
         # decompressobj, fed exactly the index's bytes: a stream reader would read on into the trailer.
         dobj = zstandard.ZstdDecompressor().decompressobj()  # its own: the caller may decompress meanwhile
@@ -674,12 +705,9 @@ def _records(f: BinaryIO, index_offset: int, index_len: int, name: str,
                 if total > limit:
                     raise damaged
                 data = rest + chunk if rest else chunk
-                usable = len(data) - len(data) % rec.size
-                for r in rec.iter_unpack(memoryview(data)[:usable]):
-                    digest, offset, clen, inner, size = r if blocks else (r[0], r[1], r[2], 0, r[3])
-                    if offset + clen > index_offset or inner + size > MAX_BLOCK:
-                        raise damaged
-                    yield digest, offset, clen, inner, size
+                usable = len(data) - len(data) % size
+                if usable:
+                    yield data[:usable] if usable < len(data) else data
                 rest = data[usable:]
         except zstandard.ZstdError:
             raise damaged from None

@@ -581,3 +581,53 @@ def test_decode_manifest_leaves_what_is_not_canonical_to_python(line: bytes) -> 
 
     got, want = _decode_both(manifest.HEADER + b".\td\t755\t0\t0\t0\t0\t-\t-\n" + line + b"\n")
     assert got is None, (got, want)
+
+
+# -- the pack index reader ----------------------------------------------------------------------------------------
+
+
+def test_add_index_records_reads_packs_as_python_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same PackIndex (slots and their values) from packs of both formats, one object in two packs (the
+    first pack read keeps it); a pack whose records lie adds nothing and is damaged, as in Python."""
+    import struct
+
+    from test_packs import _write_format1_pack
+
+    from imgstore.objects import _REC, PackIndex, _read_index
+
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    if native.indexer() is None:
+        pytest.skip("the native index reader is not built here")
+    tree = tmp_path / "tree"
+    for i in range(3000):
+        (tree / f"d{i % 9}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 9}" / f"f{i}").write_bytes(b"%d" % i * (1 + i % 700))
+    _commit(tmp_path / "store", tree)
+    packs = tmp_path / "store" / "packs"
+    old = _write_format1_pack(packs, [b"old %d" % i for i in range(50)] + [b"1" * 2])  # "1"*2 is f1's content too
+    names = sorted(p.stem for p in packs.glob("*.pack"))
+    indexes = []
+    for how in ("1", "0"):
+        monkeypatch.setenv("IMGSTORE_NATIVE", how)
+        idx = PackIndex()
+        for name in names:
+            _read_index(idx, idx.new_pack(name), packs / f"{name}.pack", name)
+        indexes.append(idx)
+    assert indexes[0].packs == indexes[1].packs and len(indexes[0].slots) >= 3000
+    assert indexes[0].slots == indexes[1].slots
+    assert any(s is not None and s.pack == old for s in map(indexes[0].get, indexes[0].slots))
+
+    monkeypatch.setenv("IMGSTORE_NATIVE", "1")
+    add = native.indexer()
+    assert add is not None
+    rec = _REC.pack(b"d" * 32, 100, 50, 10, 20)
+    slots: dict[bytes, int] = {}
+    assert add(rec * 2, True, 1000, 7, slots) and slots == {b"d" * 32: PackIndex.pack_value(7, 100, 50, 10, 20)}
+    for bad in (_REC.pack(b"e" * 32, 990, 20, 0, 1),  # its block runs into the index
+                _REC.pack(b"e" * 32, 0, 1, 2**21, 2**20),  # past the end of any block
+                _REC.pack(b"e" * 32, 0, 1, 0, 2**60),  # a size out of range
+                rec[:-1]):  # not whole records
+        slots = {}
+        assert not add(_REC.pack(b"f" * 32, 0, 1, 0, 1) + bad, True, 1000, 0, slots) and slots == {}
+    assert add(struct.pack("<32sQIQ", b"g" * 32, 5, 6, 7), False, 1000, 2**40, slots)  # format 1, a large pack number
+    assert slots == {b"g" * 32: PackIndex.pack_value(2**40, 5, 6, 0, 7)}

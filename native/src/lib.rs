@@ -796,11 +796,78 @@ fn decode_manifest(py: Python<'_>, body: &[u8], entry: &PyAny) -> PyResult<PyObj
     Ok(list.into())
 }
 
+// -- pack indexes (objects.PackIndex) -----------------------------------------------------------------------
+
+/// add_index_records(records, blocks, index_offset, pack_no, slots) -> whether all were valid.
+///
+/// `records`: whole records of a pack's index ("<32sQIIQ" each, or format 1's "<32sQIQ" unless `blocks`).
+/// Each is checked as objects._records and PackIndex.pack_value check it (its block before the index, the
+/// object inside a block, every field in range); if all are valid, each digest not in `slots` yet is set to
+/// PackIndex.pack_value(pack_no, ...), and True is returned; otherwise nothing is added and False returned.
+#[pyfunction]
+fn add_index_records(
+    py: Python<'_>, records: &[u8], blocks: bool, index_offset: u64, pack_no: u64, slots: &pyo3::types::PyDict,
+) -> PyResult<bool> {
+    const SIZE_MAX: u64 = (1 << 40) - 1;
+    const OFFSET_MAX: u64 = (1 << 40) - 1;
+    let rec = if blocks { 56 } else { 52 };
+    if records.len() % rec != 0 {
+        return Ok(false);
+    }
+    let u64_at = |r: &[u8], i: usize| u64::from_le_bytes(r[i..i + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |r: &[u8], i: usize| u32::from_le_bytes(r[i..i + 4].try_into().unwrap_or([0; 4])) as u64;
+    let fields = |r: &[u8]| -> (u64, u64, u64, u64) {
+        if blocks {
+            (u64_at(r, 32), u32_at(r, 40), u32_at(r, 44), u64_at(r, 48))
+        } else {
+            (u64_at(r, 32), u32_at(r, 40), 0, u64_at(r, 44))
+        }
+    };
+    let valid = records.chunks_exact(rec).all(|r| {
+        let (offset, clen, inner, size) = fields(r);
+        offset.checked_add(clen).map_or(false, |end| end <= index_offset)
+            && inner + size.min(u64::MAX - inner) <= MAX_BLOCK as u64
+            && size <= SIZE_MAX
+            && offset <= OFFSET_MAX
+    });
+    if !valid {
+        return Ok(false);
+    }
+    for r in records.chunks_exact(rec) {
+        let digest = PyBytes::new(py, &r[..32]);
+        if slots.contains(digest)? {
+            continue;
+        }
+        let (offset, clen, inner, size) = fields(r);
+        // pack_value: pack_no << 144 | offset << 104 | clen << 72 | inner << 40 | size, little-endian, 192 bits.
+        let mut value = [0u8; 32];
+        let mut put = |at: usize, bits: usize, v: u64| {
+            for b in 0..bits {
+                if v >> b & 1 == 1 {
+                    value[(at + b) / 8] |= 1 << ((at + b) % 8);
+                }
+            }
+        };
+        put(0, 40, size);
+        put(40, 32, inner);
+        put(72, 32, clen);
+        put(104, 40, offset);
+        put(144, 64, pack_no);
+        // SAFETY: a valid buffer of its length; the new reference is owned by the PyObject.
+        let int = unsafe {
+            PyObject::from_owned_ptr_or_err(py, pyo3::ffi::_PyLong_FromByteArray(value.as_ptr(), value.len(), 1, 0))?
+        };
+        slots.set_item(digest, int)?;
+    }
+    Ok(true)
+}
+
 #[pymodule]
 fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_files, m)?)?;
     m.add_function(wrap_pyfunction!(fill, m)?)?;
     m.add_function(wrap_pyfunction!(link_files, m)?)?;
     m.add_function(wrap_pyfunction!(decode_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(add_index_records, m)?)?;
     Ok(())
 }
