@@ -238,10 +238,10 @@ def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
     make: list[Entry] = []
     sources: dict[int, tuple[int, bytes]] = {}
     keys: dict[str, bytes] = {}
-    for e in es:
-        if e.type != FILE and e.type != SYMLINK:
+    keyer = native.keyer()
+    for e, key in zip(es, keyer(es) if keyer else map(_key_or_none, es), strict=True):
+        if key is None:
             continue
-        key = mat_key(e)
         first = keys.get(key)
         if first is not None:
             sources[id(e)] = (root_fd, first)
@@ -253,6 +253,10 @@ def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
         else:
             sources[id(e)] = hit
     return make, sources, keys
+
+
+def _key_or_none(e: Entry) -> str | None:
+    return mat_key(e) if e.type == FILE or e.type == SYMLINK else None
 
 
 def _make_dirs(es: list[Entry], root_fd: int) -> None:

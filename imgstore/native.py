@@ -91,6 +91,21 @@ def indexer() -> NativeIndex | None:
     return add_index_records
 
 
+# Entries -> materialize.mat_key of each file and symlink, None for the others.
+NativeKeys = Callable[[list[Any]], list[str | None]]
+
+
+def keyer() -> NativeKeys | None:
+    """The Rust materialize.mat_key, unless it was not built or IMGSTORE_NATIVE=0 turns it off."""
+    if _turned_off():
+        return None
+    try:
+        from ._native import mat_keys
+    except ImportError:
+        return None
+    return mat_keys
+
+
 def describe() -> str:
     """What `imgstore --version` says about it."""
     if _turned_off():

@@ -631,3 +631,18 @@ def test_add_index_records_reads_packs_as_python_does(tmp_path: Path, monkeypatc
         assert not add(_REC.pack(b"f" * 32, 0, 1, 0, 1) + bad, True, 1000, 0, slots) and slots == {}
     assert add(struct.pack("<32sQIQ", b"g" * 32, 5, 6, 7), False, 1000, 2**40, slots)  # format 1, a large pack number
     assert slots == {b"g" * 32: PackIndex.pack_value(2**40, 5, 6, 0, 7)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(_manifests())
+def test_mat_keys_are_materializes(data: bytes) -> None:
+    from imgstore import manifest
+    from imgstore.materialize import _key_or_none
+
+    keyer = native.keyer()
+    if keyer is None:
+        pytest.skip("the native keys are not built here")
+    es = manifest.decode(data) if native.decoder() is None else _decode_both(data)[0]
+    if es is None:  # a manifest Python refuses too (a hardlink sorted before its file)
+        return
+    assert keyer(es) == [_key_or_none(e) for e in es]  # type: ignore[arg-type]

@@ -862,6 +862,52 @@ fn add_index_records(
     Ok(true)
 }
 
+// -- materialize's keys (materialize.mat_key) ---------------------------------------------------------------
+
+/// mat_keys(entries) -> [key or None]: materialize.mat_key of each regular file and symlink (64 hex digits),
+/// None for the other entries; raises if an entry does not have the attributes of a manifest.Entry.
+#[pyfunction]
+fn mat_keys(py: Python<'_>, entries: &PyList) -> PyResult<Vec<Option<PyObject>>> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries.iter() {
+        let kind: &str = e.getattr("type")?.extract()?;
+        let mut h = blake3::Hasher::new();
+        match kind {
+            "f" => {
+                let digest: &str = e.getattr("digest")?.extract()?;
+                h.update(digest.as_bytes());
+            }
+            "l" => {
+                let target: &[u8] = e.getattr("target")?.extract()?;
+                h.update(b"symlink\0");
+                h.update(target);
+            }
+            _ => {
+                out.push(None);
+                continue;
+            }
+        }
+        let (uid, gid, mode, mtime): (i128, i128, i128, i128) = (
+            e.getattr("uid")?.extract()?,
+            e.getattr("gid")?.extract()?,
+            e.getattr("mode")?.extract()?,
+            e.getattr("mtime_ns")?.extract()?,
+        );
+        let sparse: bool = e.getattr("sparse")?.extract()?;
+        let octal = if mode < 0 { format!("-{:o}", -mode) } else { format!("{:o}", mode) };
+        h.update(format!("{} {} {} {} {}", uid, gid, octal, mtime, sparse as u8).as_bytes());
+        let xattrs: Vec<(&[u8], &[u8])> = e.getattr("xattrs")?.extract()?;
+        for (k, v) in xattrs {
+            h.update(b"\0");
+            h.update(k);
+            h.update(b"\0");
+            h.update(v);
+        }
+        out.push(Some(pyo3::types::PyString::new(py, h.finalize().to_hex().as_str()).into()));
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_files, m)?)?;
@@ -869,5 +915,6 @@ fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(link_files, m)?)?;
     m.add_function(wrap_pyfunction!(decode_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(add_index_records, m)?)?;
+    m.add_function(wrap_pyfunction!(mat_keys, m)?)?;
     Ok(())
 }
