@@ -333,12 +333,7 @@ def _link_natively(es: list[Entry], sources: dict[int, tuple[int, bytes]], root_
     if link is None or not sources:
         return set()
     todo = [e for e in es if id(e) in sources]
-    specs: list[native.LinkSpec] = []
-    for e in todo:
-        fd, path = sources[id(e)]
-        size = e.size if e.type == FILE else len(e.target)
-        specs.append((fd, path, e.path, e.type == FILE, size, (e.uid, e.gid, e.mode, e.mtime_ns)))
-    failed = set(link(root_fd, specs, os.geteuid() == 0))
+    failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], os.geteuid() == 0))
     return {id(e) for i, e in enumerate(todo) if i not in failed}
 
 

@@ -44,10 +44,8 @@ def filler() -> NativeFill | None:
     return fill
 
 
-# (source root fd, path below it, path below root fd, regular file (else symlink), size, (uid, gid, mode, mtime_ns))
-LinkSpec = tuple[int, bytes, bytes, bool, int, tuple[int, int, int, int]]
-# root fd, links, own -> indexes of the links not made.
-NativeLink = Callable[[int, list[LinkSpec], bool], list[int]]
+# root fd, entries (files and symlinks), (source root fd, path below it) of each, own -> indexes not linked.
+NativeLink = Callable[[int, list[Any], list[tuple[int, bytes]], bool], list[int]]
 
 
 def linker() -> NativeLink | None:

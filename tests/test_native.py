@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -429,9 +430,9 @@ def test_the_link_loop_shares_what_is_the_same_and_copies_what_is_not(
     given: list[int] = []
     left: list[int] = []
 
-    def counting(root_fd: int, specs: list[native.LinkSpec], own: bool) -> list[int]:
-        out = link(root_fd, specs, own)
-        given.append(len(specs))
+    def counting(root_fd: int, entries: list[Any], sources: list[tuple[int, bytes]], own: bool) -> list[int]:
+        out = link(root_fd, entries, sources, own)
+        given.append(len(entries))
         left.extend(out)
         return out
 

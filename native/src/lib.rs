@@ -549,20 +549,29 @@ fn link_one(root_fd: libc::c_int, l: &Link, dirs: &mut SourceDirs, own: bool) ->
     }
 }
 
-type LinkItem<'a> = (i32, &'a [u8], &'a [u8], bool, u64, (u32, u32, u32, i64));
-
-/// link_files(root_fd, links, own) -> indexes of the links not made, in order.
+/// link_files(root_fd, entries, sources, own) -> indexes of the entries not linked, in order.
 ///
-/// `links`: (source root fd, path below it, path below root_fd, regular file (else symlink), size (a
-/// symlink's: its target's length), (uid, gid, mode, mtime_ns)), made in order (a link may have an earlier
+/// `entries`: manifest.Entry objects of regular files and symlinks; `sources`: for each, (source root fd,
+/// path below it). Each entry is hardlinked at its path below root_fd, in order (a link may have an earlier
 /// one as its source), with the GIL released. A source that is not what its entry says, and any error (the
-/// link limit, EPERM, a name with a NUL byte), leaves that link for Python: restore makes a new file there.
+/// link limit, EPERM, a name with a NUL byte), leaves that entry for Python: restore makes a new file there.
 #[pyfunction]
-fn link_files(py: Python<'_>, root_fd: i32, links: &PyList, own: bool) -> PyResult<Vec<usize>> {
-    let mut work = Vec::with_capacity(links.len());
-    for item in links.iter() {
-        let (src_root, src_path, dst, file, size, (uid, gid, mode, mtime_ns)): LinkItem = item.extract()?;
-        let dst = CString::new(dst).unwrap_or_default(); // an empty name fails: Python makes that one
+fn link_files(py: Python<'_>, root_fd: i32, entries: &PyList, sources: &PyList, own: bool) -> PyResult<Vec<usize>> {
+    if entries.len() != sources.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err("link_files needs a source for each entry"));
+    }
+    let mut work = Vec::with_capacity(entries.len());
+    for (e, source) in entries.iter().zip(sources.iter()) {
+        let (src_root, src_path): (i32, &[u8]) = source.extract()?;
+        let file = e.getattr("type")?.extract::<&str>()? == "f";
+        let size: u64 = if file { e.getattr("size")?.extract()? } else { e.getattr("target")?.len()? as u64 };
+        let (uid, gid, mode, mtime_ns): (u32, u32, u32, i64) = (
+            e.getattr("uid")?.extract()?,
+            e.getattr("gid")?.extract()?,
+            e.getattr("mode")?.extract()?,
+            e.getattr("mtime_ns")?.extract()?,
+        );
+        let dst = CString::new(e.getattr("path")?.extract::<&[u8]>()?).unwrap_or_default(); // "" fails: Python's
         work.push(Link { src_root, src_path: src_path.to_vec(), dst, file, size, uid, gid, mode, mtime_ns });
     }
     Ok(py.allow_threads(|| {
