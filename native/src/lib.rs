@@ -229,7 +229,7 @@ unsafe fn write_loose(fd: libc::c_int, object: &CString, m: &Make, buf: &mut Vec
 /// does not hash to its digest.
 fn make_file(root_fd: libc::c_int, block: Option<&[u8]>, m: &Make, own: bool, buf: &mut Vec<u8>) -> bool {
     let content = match (&m.source, block) {
-        (Source::Block { inner }, Some(block)) => match inner.checked_add(m.size).and_then(|end| block.get(*inner..end)) {
+        (Source::Block { inner }, Some(block)) => match inner.checked_add(m.size).and_then(|e| block.get(*inner..e)) {
             Some(c) if blake3::hash(c).as_bytes()[..] == m.digest[..] => Some(c),
             _ => return false,
         },
@@ -324,7 +324,9 @@ fn read_block(g: &Group, z: &mut zstd::bulk::Decompressor<'_>, frame: &mut Vec<u
 }
 
 /// Makes a group's entries; pushes (group, entry) of each it could not make.
-fn fill_group(root_fd: libc::c_int, gi: usize, g: &Group, own: bool, bufs: &mut Buffers, failed: &mut Vec<(usize, usize)>) {
+fn fill_group(
+    root_fd: libc::c_int, gi: usize, g: &Group, own: bool, bufs: &mut Buffers, failed: &mut Vec<(usize, usize)>,
+) {
     let block = if g.pack >= 0 {
         if read_block(g, &mut bufs.z, &mut bufs.frame, &mut bufs.block) {
             Some(&bufs.block[..])
@@ -353,10 +355,13 @@ struct Buffers {
     chunk: Vec<u8>,
 }
 
-type MakeItem<'a> = (&'a [u8], Option<&'a [u8]>, Option<&'a [u8]>, usize, usize, &'a [u8], (u32, u32, u32, i64), Vec<(&'a [u8], &'a [u8])>, bool);
+type Meta = (u32, u32, u32, i64); // uid, gid, mode, mtime_ns
+type Xattrs<'a> = Vec<(&'a [u8], &'a [u8])>;
+type MakeItem<'a> = (&'a [u8], Option<&'a [u8]>, Option<&'a [u8]>, usize, usize, &'a [u8], Meta, Xattrs<'a>, bool);
 
 fn to_make(item: &PyAny) -> PyResult<Option<Make>> {
-    let (path, target, object, inner, size, digest, (uid, gid, mode, mtime_ns), xattrs, sparse): MakeItem = item.extract()?;
+    let item: MakeItem = item.extract()?;
+    let (path, target, object, inner, size, digest, (uid, gid, mode, mtime_ns), xattrs, sparse) = item;
     let path = match CString::new(path) {
         Ok(path) => path,
         Err(_) => return Ok(None), // a name with a NUL byte: Python refuses it with its own message
@@ -441,7 +446,10 @@ fn fill(py: Python<'_>, root_fd: i32, groups: &PyList, own: bool, threads: usize
     for part in parts {
         match part {
             Some(part) => failed.extend(part),
-            None => return Err(pyo3::exceptions::PyMemoryError::new_err("fill: a worker could not start")),
+            None => {
+                let why = "fill: a worker thread failed (no zstd context, or a panic)";
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(why));
+            }
         }
     }
     failed.sort_unstable();
