@@ -624,6 +624,9 @@ def test_add_index_records_reads_packs_as_python_does(tmp_path: Path, monkeypatc
     rec = _REC.pack(b"d" * 32, 100, 50, 10, 20)
     slots: dict[bytes, int] = {}
     assert add(rec * 2, True, 1000, 7, slots) and slots == {b"d" * 32: PackIndex.pack_value(7, 100, 50, 10, 20)}
+    far = _REC.pack(b"h" * 32, 2**40 - 100, 60, 2**20, 2**20)  # every field at its widest
+    assert add(far, True, 2**40, 2**40 - 1, slots)
+    assert slots[b"h" * 32] == PackIndex.pack_value(2**40 - 1, 2**40 - 100, 60, 2**20, 2**20)
     for bad in (_REC.pack(b"e" * 32, 990, 20, 0, 1),  # its block runs into the index
                 _REC.pack(b"e" * 32, 0, 1, 2**21, 2**20),  # past the end of any block
                 _REC.pack(b"e" * 32, 0, 1, 0, 2**60),  # a size out of range

@@ -856,20 +856,12 @@ fn add_index_records(
             continue;
         }
         let (offset, clen, inner, size) = fields(r);
-        // pack_value: pack_no << 144 | offset << 104 | clen << 72 | inner << 40 | size, little-endian, 192 bits.
+        // pack_value: pack_no << 144 | offset << 104 | clen << 72 | inner << 40 | size, little-endian, 256 bits.
+        let low = size as u128 | (inner as u128) << 40 | (clen as u128) << 72 | (offset as u128) << 104;
+        let high = (offset >> 24) as u128 | (pack_no as u128) << 16;
         let mut value = [0u8; 32];
-        let mut put = |at: usize, bits: usize, v: u64| {
-            for b in 0..bits {
-                if v >> b & 1 == 1 {
-                    value[(at + b) / 8] |= 1 << ((at + b) % 8);
-                }
-            }
-        };
-        put(0, 40, size);
-        put(40, 32, inner);
-        put(72, 32, clen);
-        put(104, 40, offset);
-        put(144, 64, pack_no);
+        value[..16].copy_from_slice(&low.to_le_bytes());
+        value[16..].copy_from_slice(&high.to_le_bytes());
         // SAFETY: a valid buffer of its length; the new reference is owned by the PyObject.
         let int = unsafe {
             PyObject::from_owned_ptr_or_err(py, pyo3::ffi::_PyLong_FromByteArray(value.as_ptr(), value.len(), 1, 0))?
