@@ -299,7 +299,7 @@ def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
         run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
         return
     work = list(groups.values())
-    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, os.cpu_count() or 1)
+    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, len(os.sched_getaffinity(0)))
     faults.point("materialize.in-fill")
     for gi, i in left:
         _make_here(store, root_fd, work[gi][i][0], own)

@@ -419,7 +419,7 @@ class ObjectStore:
         slot = self.index.get(bytes.fromhex(digest))
         h = blake3.blake3() if verify else None
         if slot is not None:
-            block = self.block(slot, digest)
+            block = self._block(slot, digest)
             data = block if slot.inner == 0 and len(block) == slot.size else block[slot.inner:slot.inner + slot.size]
             if len(data) != slot.size:
                 raise damaged(digest, "has the wrong size")
@@ -432,7 +432,7 @@ class ObjectStore:
         if h is not None and h.hexdigest() != digest:
             raise damaged(digest, "does not match its hash")
 
-    def block(self, slot: PackSlot, digest: str) -> bytes:
+    def _block(self, slot: PackSlot, digest: str) -> bytes:
         """The decompressed block that holds a packed object; the thread's CACHED_BLOCKS most recent are kept
         (a generation's files come from blocks of several packs, in turns)."""
         cache: dict[tuple[str, int], bytes] | None = getattr(self._blocks, "recent", None)
@@ -640,9 +640,9 @@ def _read_index(idx: PackIndex, pack_no: int, path: Path, name: str) -> None:
             idx.add(digest, pack_no, offset, clen, inner, size)
         return
     f, index_offset, index_len, blocks = _open_index(path, name)
-    for chunk in _record_chunks(f, index_offset, index_len, name, blocks):
+    for chunk in _record_chunks(f, index_offset, index_len, blocks, name):
         if not add(chunk, blocks, index_offset, pack_no, idx.slots):
-            raise IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+            raise _damaged_index(name)
 
 
 def pack_records(path: Path, name: str) -> Iterator[tuple[bytes, int, int, int, int]]:
@@ -673,19 +673,22 @@ def _open_index(path: Path, name: str) -> tuple[BinaryIO, int, int, bool]:
 
 def _records(f: BinaryIO, index_offset: int, index_len: int, blocks: bool,
              name: str) -> Iterator[tuple[bytes, int, int, int, int]]:
-    damaged = IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
     rec = _REC if blocks else _REC_1
-    for chunk in _record_chunks(f, index_offset, index_len, name, blocks):
+    for chunk in _record_chunks(f, index_offset, index_len, blocks, name):
         for r in rec.iter_unpack(chunk):
             digest, offset, clen, inner, size = r if blocks else (r[0], r[1], r[2], 0, r[3])
             if offset + clen > index_offset or inner + size > MAX_BLOCK:
-                raise damaged
+                raise _damaged_index(name)
             yield digest, offset, clen, inner, size
 
 
-def _record_chunks(f: BinaryIO, index_offset: int, index_len: int, name: str, blocks: bool) -> Iterator[bytes]:
+def _damaged_index(name: str) -> IntegrityError:
+    return IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+
+
+def _record_chunks(f: BinaryIO, index_offset: int, index_len: int, blocks: bool, name: str) -> Iterator[bytes]:
     """The index's records, decompressed a megabyte at a time, in chunks of whole records; closes f."""
-    damaged = IntegrityError(f"pack {name[:16]} has a damaged index", "run: imgstore verify")
+    damaged = _damaged_index(name)
     limit = index_len * 64 + (1 << 20)  # no more than zstd can expand this much to (a hostile pack)
     size = (_REC if blocks else _REC_1).size
     with f:

@@ -145,7 +145,7 @@ struct Group {
     pack: libc::c_int,
     offset: u64,
     clen: usize,
-    makes: Vec<Make>,
+    makes: Vec<Option<Make>>, // None: what the system could not take (a NUL byte), for Python to make and name
 }
 
 const PRIVILEGED_XATTRS: [&[u8]; 2] = [b"security.", b"trusted."];
@@ -338,9 +338,10 @@ fn fill_group(
         None
     };
     for (i, m) in g.makes.iter().enumerate() {
-        let ok = match &m.source {
-            Source::Symlink { target } => make_symlink(root_fd, m, target, own),
-            _ => make_file(root_fd, block, m, own, &mut bufs.chunk),
+        let ok = match m {
+            Some(m @ Make { source: Source::Symlink { target }, .. }) => make_symlink(root_fd, m, target, own),
+            Some(m) => make_file(root_fd, block, m, own, &mut bufs.chunk),
+            None => false,
         };
         if !ok {
             failed.push((gi, i));
@@ -400,27 +401,13 @@ fn fill(py: Python<'_>, root_fd: i32, groups: &PyList, own: bool, threads: usize
     let mut work = Vec::with_capacity(groups.len());
     for item in groups.iter() {
         let (pack, offset, clen, entries): (i32, u64, usize, &PyList) = item.extract()?;
-        let mut makes = Vec::with_capacity(entries.len());
-        for e in entries.iter() {
-            match to_make(e)? {
-                Some(m) => makes.push(m),
-                None => {
-                    // Not something the system could take (a NUL byte): a placeholder that fails before any
-                    // system call (no block offset fits), so that Python makes it, with its message.
-                    makes.push(Make {
-                        path: CString::default(), source: Source::Block { inner: usize::MAX }, size: 0,
-                        digest: Vec::new(), sparse: false, uid: 0, gid: 0, mode: 0,
-                        mtime: libc::timespec { tv_sec: 0, tv_nsec: 0 }, xattrs: Vec::new(),
-                    });
-                }
-            }
-        }
+        let makes = entries.iter().map(to_make).collect::<PyResult<Vec<_>>>()?;
         work.push(Group { pack, offset, clen, makes });
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let parts = py.allow_threads(|| {
         std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.max(1))
+            let handles: Vec<_> = (0..threads.min(work.len()).max(1))
                 .map(|_| {
                     scope.spawn(|| {
                         let mut out = Vec::new();
