@@ -299,7 +299,7 @@ def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
         run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
         return
     work = list(groups.values())
-    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, len(os.sched_getaffinity(0)))
+    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, _threads())
     faults.point("materialize.in-fill")
     for gi, i in left:
         _make_here(store, root_fd, work[gi][i][0], own)
@@ -333,8 +333,13 @@ def _link_natively(es: list[Entry], sources: dict[int, tuple[int, bytes]], root_
     if link is None or not sources:
         return set()
     todo = [e for e in es if id(e) in sources]
-    failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], os.geteuid() == 0))
+    failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], os.geteuid() == 0, _threads()))
     return {id(e) for i, e in enumerate(todo) if i not in failed}
+
+
+def _threads() -> int:
+    """Threads for the write and link loops: one per core this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def _make_here(store: Store, root_fd: int, e: Entry, own: bool) -> None:

@@ -21,8 +21,9 @@ MakeSpec = tuple[bytes, bytes | None, bytes | None, int, int, bytes, tuple[int, 
 MakeGroup = tuple[int, int, int, list[MakeSpec]]
 # root fd, groups, own, threads -> (group, entry) of each entry not made.
 NativeFill = Callable[[int, list[MakeGroup], bool, int], list[tuple[int, int]]]
-# root fd, entries (files and symlinks), (source root fd, path below it) of each, own -> indexes not linked.
-NativeLink = Callable[[int, list[Any], list[tuple[int, bytes]], bool], list[int]]
+# root fd, entries (files and symlinks), (source root fd, path below it) of each, own, threads
+#  -> indexes not linked.
+NativeLink = Callable[[int, list[Any], list[tuple[int, bytes]], bool, int], list[int]]
 # The lines after the header, the Entry class -> the entries, or None for Python to decode.
 NativeDecode = Callable[[bytes, type], "list[Any] | None"]
 # records, block format, index offset, pack number, PackIndex.slots -> whether all were valid (and added).

@@ -430,8 +430,9 @@ def test_the_link_loop_shares_what_is_the_same_and_copies_what_is_not(
     given: list[int] = []
     left: list[int] = []
 
-    def counting(root_fd: int, entries: list[Any], sources: list[tuple[int, bytes]], own: bool) -> list[int]:
-        out = link(root_fd, entries, sources, own)
+    def counting(root_fd: int, entries: list[Any], sources: list[tuple[int, bytes]], own: bool,
+                 threads: int) -> list[int]:
+        out = link(root_fd, entries, sources, own, threads)
         given.append(len(entries))
         left.extend(out)
         return out

@@ -325,10 +325,11 @@ fn read_block(g: &Group, z: &mut zstd::bulk::Decompressor<'_>, frame: &mut Vec<u
 
 /// Makes a group's entries; pushes (group, entry) of each it could not make.
 fn fill_group(
-    root_fd: libc::c_int, gi: usize, g: &Group, own: bool, bufs: &mut Buffers, failed: &mut Vec<(usize, usize)>,
+    root_fd: libc::c_int, gi: usize, g: &Group, own: bool, z: &mut zstd::bulk::Decompressor<'_>, bufs: &mut Buffers,
+    failed: &mut Vec<(usize, usize)>,
 ) {
     let block = if g.pack >= 0 {
-        if read_block(g, &mut bufs.z, &mut bufs.frame, &mut bufs.block) {
+        if read_block(g, z, &mut bufs.frame, &mut bufs.block) {
             Some(&bufs.block[..])
         } else {
             failed.extend((0..g.makes.len()).map(|i| (gi, i)));
@@ -349,8 +350,8 @@ fn fill_group(
     }
 }
 
+#[derive(Default)]
 struct Buffers {
-    z: zstd::bulk::Decompressor<'static>,
     frame: Vec<u8>,
     block: Vec<u8>,
     chunk: Vec<u8>,
@@ -404,41 +405,18 @@ fn fill(py: Python<'_>, root_fd: i32, groups: &PyList, own: bool, threads: usize
         let makes = entries.iter().map(to_make).collect::<PyResult<Vec<_>>>()?;
         work.push(Group { pack, offset, clen, makes });
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let parts = py.allow_threads(|| {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.min(work.len()).max(1))
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut out = Vec::new();
-                        let z = match zstd::bulk::Decompressor::new() {
-                            Ok(z) => z,
-                            Err(_) => return None,
-                        };
-                        let mut bufs = Buffers { z, frame: Vec::new(), block: Vec::new(), chunk: Vec::new() };
-                        loop {
-                            let gi = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if gi >= work.len() {
-                                return Some(out);
-                            }
-                            fill_group(root_fd, gi, &work[gi], own, &mut bufs, &mut out);
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().ok().flatten()).collect::<Vec<_>>()
+        let start = || (zstd::bulk::Decompressor::new().ok(), Buffers::default(), Vec::new());
+        in_threads(threads, work.len(), start, |(z, bufs, left), gi| match z {
+            Some(z) => fill_group(root_fd, gi, &work[gi], own, z, bufs, left),
+            None => left.extend((0..work[gi].makes.len()).map(|i| (gi, i))), // no zstd context: Python makes them
         })
     });
-    let mut failed = Vec::new();
-    for part in parts {
-        match part {
-            Some(part) => failed.extend(part),
-            None => {
-                let why = "fill: a worker thread failed (no zstd context, or a panic)";
-                return Err(pyo3::exceptions::PyRuntimeError::new_err(why));
-            }
-        }
-    }
+    let mut failed: Vec<(usize, usize)> = parts
+        .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("fill: a worker thread panicked"))?
+        .into_iter()
+        .flat_map(|(_, _, left)| left)
+        .collect();
     failed.sort_unstable();
     Ok(failed)
 }
@@ -544,14 +522,18 @@ fn link_one(root_fd: libc::c_int, l: &Link, dirs: &mut SourceDirs, own: bool) ->
     }
 }
 
-/// link_files(root_fd, entries, sources, own) -> indexes of the entries not linked, in order.
+/// link_files(root_fd, entries, sources, own, threads) -> indexes of the entries not linked, in order.
 ///
 /// `entries`: manifest.Entry objects of regular files and symlinks; `sources`: for each, (source root fd,
-/// path below it). Each entry is hardlinked at its path below root_fd, in order (a link may have an earlier
-/// one as its source), with the GIL released. A source that is not what its entry says, and any error (the
-/// link limit, EPERM, a name with a NUL byte), leaves that entry for Python: restore makes a new file there.
+/// path below it). Each entry is hardlinked at its path below root_fd, with the GIL released, by `threads`
+/// threads taking the next run of LINK_RUN entries: first those whose source is another tree, then those whose
+/// source is in this one (an earlier path of the tree, linked or made before this call). A source that is not
+/// what its entry says, and any error (the link limit, EPERM, a name with a NUL byte), leaves that entry for
+/// Python: restore makes a new file there.
 #[pyfunction]
-fn link_files(py: Python<'_>, root_fd: i32, entries: &PyList, sources: &PyList, own: bool) -> PyResult<Vec<usize>> {
+fn link_files(
+    py: Python<'_>, root_fd: i32, entries: &PyList, sources: &PyList, own: bool, threads: usize,
+) -> PyResult<Vec<usize>> {
     if entries.len() != sources.len() {
         return Err(pyo3::exceptions::PyValueError::new_err("link_files needs a source for each entry"));
     }
@@ -569,10 +551,49 @@ fn link_files(py: Python<'_>, root_fd: i32, entries: &PyList, sources: &PyList, 
         let dst = CString::new(e.getattr("path")?.extract::<&[u8]>()?).unwrap_or_default(); // "" fails: Python's
         work.push(Link { src_root, src_path: src_path.to_vec(), dst, file, size, uid, gid, mode, mtime_ns });
     }
-    Ok(py.allow_threads(|| {
-        let mut dirs = SourceDirs::default();
-        work.iter().enumerate().filter(|(_, l)| !link_one(root_fd, l, &mut dirs, own)).map(|(i, _)| i).collect()
-    }))
+    let (inside, outside): (Vec<usize>, Vec<usize>) = (0..work.len()).partition(|&i| work[i].src_root == root_fd);
+    let mut failed = py.allow_threads(|| -> Option<Vec<usize>> {
+        let mut failed = Vec::new();
+        for order in [outside, inside] {
+            let runs: Vec<&[usize]> = order.chunks(LINK_RUN).collect();
+            let parts = in_threads(threads, runs.len(), Vec::new, |left: &mut Vec<usize>, r| {
+                let mut dirs = SourceDirs::default();
+                left.extend(runs[r].iter().filter(|&&i| !link_one(root_fd, &work[i], &mut dirs, own)));
+            })?;
+            failed.extend(parts.into_iter().flatten());
+        }
+        Some(failed)
+    })
+    .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("link_files: a worker thread panicked"))?;
+    failed.sort_unstable();
+    Ok(failed)
+}
+
+const LINK_RUN: usize = 256; // entries a thread of link_files links in a row (one SourceDirs each)
+
+/// Runs jobs 0..jobs in up to `threads` scoped threads, each taking the next job as it is free, with a state
+/// of its own (`start()`, None if it cannot be made); returns each thread's state, or None if one failed.
+fn in_threads<S: Send>(
+    threads: usize, jobs: usize, start: impl Fn() -> S + Sync, job: impl Fn(&mut S, usize) + Sync,
+) -> Option<Vec<S>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.min(jobs).max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut state = start();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= jobs {
+                            return state;
+                        }
+                        job(&mut state, i);
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().ok()).collect()
+    })
 }
 
 // -- manifest decoding (manifest.decode) ------------------------------------------------------------------
