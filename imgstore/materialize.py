@@ -263,10 +263,11 @@ def _make_dirs(es: list[Entry], root_fd: int) -> None:
     """Make the tree's directories (mode 0700 until restore() leaves them). manifest.decode checked that every
     entry's parent is a directory listed before it: the files made by path below root_fd then go through
     directories this command made, and nothing else."""
-    for e in es[1:]:
-        if e.type == DIR:
-            with _in_parent(root_fd, e.path) as (fd, name):
-                os.mkdir(name, 0o700, dir_fd=fd)
+    paths = [e.path for e in es[1:] if e.type == DIR]
+    make_dirs = native.dir_maker()
+    for path in paths[make_dirs(root_fd, paths) if make_dirs else 0:]:  # the rest: Python names the error
+        with _in_parent(root_fd, path) as (fd, name):
+            os.mkdir(name, 0o700, dir_fd=fd)
 
 
 def _fill(store: Store, make: list[Entry], root_fd: int) -> None:

@@ -24,6 +24,8 @@ NativeFill = Callable[[int, list[MakeGroup], bool, int], list[tuple[int, int]]]
 # root fd, entries (files and symlinks), (source root fd, path below it) of each, own, threads
 #  -> indexes not linked.
 NativeLink = Callable[[int, list[Any], list[tuple[int, bytes]], bool, int], list[int]]
+# root fd, directory paths (parents first) -> how many were made (mode 0700) before the first that could not be.
+NativeDirs = Callable[[int, list[bytes]], int]
 # The lines after the header, the Entry class -> the entries, or None for Python to decode.
 NativeDecode = Callable[[bytes, type], "list[Any] | None"]
 # records, block format, index offset, pack number, PackIndex.slots -> whether all were valid (and added).
@@ -42,6 +44,10 @@ def filler() -> NativeFill | None:
 
 def linker() -> NativeLink | None:
     return cast("NativeLink | None", _function("link_files"))
+
+
+def dir_maker() -> NativeDirs | None:
+    return cast("NativeDirs | None", _function("make_dirs"))
 
 
 def decoder() -> NativeDecode | None:

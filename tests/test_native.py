@@ -416,6 +416,33 @@ def _unlinked(snap: dict[bytes, dict[str, object]]) -> dict[bytes, dict[str, obj
     return {p: {k: v for k, v in d.items() if k != "link_group"} for p, d in snap.items()}
 
 
+def test_make_dirs_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes directories (mode 0700) in order and stops at the first it cannot make: the caller makes the rest
+    and names the error. (Like os.mkdir it follows a symlink on the way: materialize passes paths whose
+    parents are directories it made.)"""
+    monkeypatch.delenv("IMGSTORE_NATIVE", raising=False)
+    make_dirs = native.dir_maker()
+    if make_dirs is None:
+        pytest.skip("the native module is not built here")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert make_dirs(fd, [b"a", b"a/b", b"a/b/c\xff", b"d"]) == 4
+        assert os.lstat(os.fsencode(tmp_path / "a/b") + b"/c\xff").st_mode & 0o7777 == 0o700 & ~_umask()
+        deep = b"/".join([b"x" * 200] * 21)  # past PATH_MAX: the caller goes there a parent at a time
+        for bad in (b"a", b"missing/e", b"nul\0", deep):
+            assert make_dirs(fd, [b"f", bad, b"g"]) == 1
+            os.rmdir(tmp_path / "f")
+            assert not (tmp_path / "g").exists()
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_the_link_loop_shares_what_is_the_same_and_copies_what_is_not(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second generation's tree hardlinks the first tree's files and symlinks through the Rust link loop,

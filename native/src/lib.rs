@@ -569,6 +569,18 @@ fn link_files(
     Ok(failed)
 }
 
+/// make_dirs(root_fd, paths) -> how many of `paths` (below root_fd, parents first) were made, mode 0700, before
+/// the first that could not be: Python makes that one and the rest, and names the error.
+#[pyfunction]
+fn make_dirs(py: Python<'_>, root_fd: i32, paths: Vec<&[u8]>) -> usize {
+    let paths: Vec<Option<CString>> = paths.into_iter().map(|p| CString::new(p).ok()).collect();
+    py.allow_threads(|| {
+        // SAFETY: mkdirat with a NUL-terminated path that outlives the call.
+        let made = |p: &CString| unsafe { libc::mkdirat(root_fd, p.as_ptr(), 0o700) } == 0;
+        paths.iter().take_while(|p| p.as_ref().map_or(false, made)).count()
+    })
+}
+
 const LINK_RUN: usize = 256; // entries a thread of link_files links in a row (one SourceDirs each)
 
 /// Runs jobs 0..jobs in up to `threads` scoped threads, each taking the next job as it is free, with a state
@@ -930,6 +942,7 @@ fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_files, m)?)?;
     m.add_function(wrap_pyfunction!(fill, m)?)?;
     m.add_function(wrap_pyfunction!(link_files, m)?)?;
+    m.add_function(wrap_pyfunction!(make_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(decode_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(add_index_records, m)?)?;
     m.add_function(wrap_pyfunction!(mat_keys, m)?)?;
