@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import manifest
+from . import fill, manifest
 from .checkout import CheckoutResult, Progress, check_objects, prepare_destination, restore
-from .durable import TMP_PREFIX, remove_tree
+from .durable import DIR_FLAGS, TMP_PREFIX, no_space, remove_tree
 from .errors import IntegrityError, NotFound, UsageError
 from .generations import Generation
-from .manifest import DIR, FILE, HARDLINK, Entry
+from .manifest import DIR, FILE, HARDLINK, SYMLINK, Entry
 from .store import Store
 
 
@@ -68,10 +69,22 @@ def checkout(store: Store, gen: Generation, dest: Path, progress: Progress | Non
     if os.path.lexists(staging):
         remove_tree(staging)
     os.mkdir(staging, 0o700)
+    make = [e for e in es if e.type == FILE or e.type == SYMLINK]
     try:
-        res = restore(store.objects, es, staging, progress, own=os.geteuid() == 0)
+        root_fd = os.open(staging, DIR_FLAGS)
+        try:
+            fill.make_dirs(es, root_fd)
+            fill.make_files(store.objects, make, root_fd, progress)
+        finally:
+            os.close(root_fd)
+        # Then the directories' metadata, the hardlinks and the devices, in one pass.
+        res = restore(store.objects, es, staging, own=os.geteuid() == 0, made={id(e) for e in make})
+        if progress:
+            progress(res.entries, res.bytes)
         os.rename(staging, dest)  # replaces an empty directory, or creates the name
-    except BaseException:
+    except BaseException as exc:
         remove_tree(staging)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(dest, exc, sum(e.size for e in make)) from exc
         raise
     return res

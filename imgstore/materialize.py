@@ -19,32 +19,27 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import zstandard
 
-from . import faults, generations, native
+from . import faults, fill, generations, native
 from .browse import entries as manifest_entries
-from .checkout import _apply_fd, _apply_path, _write_content, check_objects, make_new, restore
+from .checkout import _apply_fd, _apply_path, _write_content, check_objects, restore
 from .durable import (
     DIR_FLAGS,
-    LONG_PATH,
     TMP_PREFIX,
     fsync_dir,
     no_space,
-    open_dir,
     remove_stale_temps,
     remove_tree,
     syncfs,
     writing_back,
 )
 from .errors import ImgstoreError
-from .forkjoin import run_split
 from .generations import Generation
-from .manifest import DIR, FILE, SYMLINK, Entry
-from .objects import ObjectStore, PackSlot
+from .manifest import FILE, SYMLINK, Entry
 from .store import Store
 
 MAT = "mat"
@@ -52,7 +47,6 @@ KEYS = ".keys"
 # Left in mat/ by an earlier imgstore (whose trees linked every file to a copy in mat/) while its materialize made
 # copies: a command that finds it removes the copies no tree links, as that version did.
 UNSYNCED = f"{TMP_PREFIX}unsynced"
-COPY_COST = 16 << 10  # making one file (create, metadata) costs about as much as writing this many bytes
 
 
 def tree_path(store: Store, gen: Generation) -> Path:
@@ -151,10 +145,10 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
             with _Earlier(store, final) as earlier:
                 make, sources, keys = _plan(es, earlier, root_fd)
                 check_objects(store.objects, es)  # before the first write (a source found changed is made anew)
-                _make_dirs(es, root_fd)
+                fill.make_dirs(es, root_fd)
                 with writing_back(store.root):
-                    _fill(store, make, root_fd)
-                made = {id(e) for e in make} | _link_natively(es, sources, root_fd)
+                    fill.make_files(store.objects, make, root_fd, fault=lambda: faults.point("materialize.in-fill"))
+                made = {id(e) for e in make} | fill.link_files(es, sources, root_fd)
                 restore(store.objects, es, staging, own=os.geteuid() == 0, made=made,
                         link_source=lambda e: sources.get(id(e)))
             _write_keys(keys_tmp, keys)
@@ -257,109 +251,6 @@ def _plan(es: list[Entry], earlier: _Earlier, root_fd: int
 
 def _key_or_none(e: Entry) -> str | None:
     return mat_key(e) if e.type == FILE or e.type == SYMLINK else None
-
-
-def _make_dirs(es: list[Entry], root_fd: int) -> None:
-    """Make the tree's directories (mode 0700 until restore() leaves them). manifest.decode checked that every
-    entry's parent is a directory listed before it: the files made by path below root_fd then go through
-    directories this command made, and nothing else."""
-    paths = [e.path for e in es[1:] if e.type == DIR]
-    make_dirs = native.dir_maker()
-    for path in paths[make_dirs(root_fd, paths) if make_dirs else 0:]:  # the rest: Python names the error
-        with _in_parent(root_fd, path) as (fd, name):
-            os.mkdir(name, 0o700, dir_fd=fd)
-
-
-def _fill(store: Store, make: list[Entry], root_fd: int) -> None:
-    """Make the new files and symlinks in the tree: creating a file is mostly kernel time (ext4 here: about as
-    much as ostree's copy checkout spends), and reading one means decompressing its block, both spent on
-    every core. The Rust write loop (native.py) does it all in threads with the GIL released, each taking the
-    next block's files; without it, two processes (forkjoin) share the blocks. What the loop leaves (an
-    error, damaged content) is made here afterwards, which raises the error with its message."""
-    objects = store.objects
-    index = objects.index
-    groups: dict[object, list[tuple[Entry, PackSlot | None]]] = {}
-    symlinks = 0
-    for e in make:
-        slot = index.get(bytes.fromhex(e.digest)) if e.type == FILE else None
-        if slot is not None:
-            key: object = (slot.pack, slot.offset)  # the files of a block together: it is decompressed once
-        elif e.type == SYMLINK:
-            key, symlinks = (None, symlinks // SYMLINK_RUN), symlinks + 1
-        else:
-            key = id(e)  # a loose object: a group of its own
-        groups.setdefault(key, []).append((e, slot))
-    own = os.geteuid() == 0
-    fill_natively = native.filler()
-    if fill_natively is None:
-        def fill(group: list[tuple[Entry, PackSlot | None]]) -> None:
-            for e, _ in group:
-                _make_here(store, root_fd, e, own)
-            faults.point("materialize.in-fill")
-
-        run_split(fill, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
-        return
-    work = list(groups.values())
-    left = fill_natively(root_fd, [_group(objects, g) for g in work], own, _threads())
-    faults.point("materialize.in-fill")
-    for gi, i in left:
-        _make_here(store, root_fd, work[gi][i][0], own)
-
-
-SYMLINK_RUN = 512  # symlinks a thread of the write loop makes in a row
-
-
-def _group(objects: ObjectStore, group: list[tuple[Entry, PackSlot | None]]) -> native.MakeGroup:
-    """What the write loop needs to make a group: where its block is, and each entry."""
-    slot = group[0][1]
-    specs: list[native.MakeSpec] = []
-    for e, s in group:
-        meta = (e.uid, e.gid, e.mode, e.mtime_ns)
-        if e.type == SYMLINK:
-            specs.append((e.path, e.target, None, 0, 0, b"", meta, list(e.xattrs), False))
-        else:
-            loose = None if s is not None else os.fsencode(objects.loose_path(e.digest))
-            specs.append((e.path, None, loose, s.inner if s else 0, e.size, bytes.fromhex(e.digest), meta,
-                          list(e.xattrs), e.sparse))
-    if slot is None:
-        return -1, 0, 0, specs
-    return objects.pack_fd(slot.pack), slot.offset, slot.clen, specs
-
-
-def _link_natively(es: list[Entry], sources: dict[int, tuple[int, bytes]], root_fd: int) -> set[int]:
-    """Hardlink the entries that have a source (another tree's file, or an earlier path of this tree), in the
-    Rust link loop where it is built; return the ids of those linked. restore() does the rest as it would
-    have: a source that is not what its entry says, or at the link limit, gets a new file."""
-    link = native.linker()
-    if link is None or not sources:
-        return set()
-    todo = [e for e in es if id(e) in sources]
-    failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], os.geteuid() == 0, _threads()))
-    return {id(e) for i, e in enumerate(todo) if i not in failed}
-
-
-def _threads() -> int:
-    """Threads for the write and link loops: one per core this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
-def _make_here(store: Store, root_fd: int, e: Entry, own: bool) -> None:
-    with _in_parent(root_fd, e.path) as (fd, name):
-        make_new(store.objects, fd, name, e, own)
-
-
-@contextlib.contextmanager
-def _in_parent(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes]]:
-    """(directory fd, name) for `path` below root_fd: the path itself while the kernel takes it whole."""
-    if len(path) < LONG_PATH:
-        yield root_fd, path
-        return
-    parent, _, name = path.rpartition(b"/")
-    fd = open_dir(root_fd, parent)
-    try:
-        yield fd, name
-    finally:
-        os.close(fd)
 
 
 def _write_keys(path: Path, keys: dict[str, bytes], sync: bool = False) -> None:

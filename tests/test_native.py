@@ -367,15 +367,8 @@ def fill_calls(monkeypatch: pytest.MonkeyPatch, fill: native.NativeFill) -> list
     return made
 
 
-def test_native_and_python_loops_materialize_the_same_tree(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_calls: list[int]) -> None:
-    """Both loops lay out the committed tree exactly (owners, modes, xattrs on files and symlinks, times, odd
-    names, sparse and loose files, a path past LONG_PATH); the native one makes all but what the system cannot
-    take from it (a path past PATH_MAX, made by Python through its parent)."""
-    from imgstore import generations
-    from imgstore import materialize as mat
-    from imgstore.locking import store_lock
-
+def _rich_tree(tmp_path: Path) -> Path:
+    """make_nasty_tree, with a smaller sparse file and 600 small files in several blocks."""
     tree = tmp_path / "tree"
     make_nasty_tree(tree)
     os.truncate(tree / "var-sparse.img", 8 << 20)  # still sparse (a hole, then "middle"), not 1 GiB to hash
@@ -391,6 +384,47 @@ def test_native_and_python_loops_materialize_the_same_tree(
             os.symlink(f"f{i}", tree / "many" / f"l{i}")
             if os.geteuid() == 0:
                 os.setxattr(tree / "many" / f"l{i}", b"trusted.note", b"%d" % i, follow_symlinks=False)
+    return tree
+
+
+def test_native_and_python_loops_check_out_the_same_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_calls: list[int]) -> None:
+    """checkout lays the tree out with the same loops as materialize, hardlinks and devices included, and
+    reports its progress between runs of the write loop."""
+    from imgstore import browse, fill, generations
+
+    tree = _rich_tree(tmp_path)
+    res = _commit(tmp_path / "store", tree)
+    monkeypatch.setattr(fill, "PROGRESS_EVERY", 1 << 20)
+    trees = {}
+    for how in ("0", "1"):
+        monkeypatch.setenv("IMGSTORE_NATIVE", how)
+        store = Store.open(tmp_path / "store")
+        reports: list[tuple[int, int]] = []
+        try:
+            with store.engine.connect() as conn:
+                gen = generations.resolve(conn, res.generation.gen_id)
+            done = browse.checkout(store, gen, tmp_path / f"out-{how}", lambda n, b, r=reports: r.append((n, b)))
+        finally:
+            store.close()
+        trees[how] = snap = snapshot(tmp_path / f"out-{how}")
+        assert not diff_snapshots(snapshot(tree), snap)
+        assert reports == sorted(reports) and reports[-1] == (done.entries, done.bytes)
+        assert len(reports) > (2 if how == "1" else 1)
+    assert len(fill_calls) > 2, fill_calls  # runs of about 1 MiB, each followed by a report
+    assert trees["0"] == trees["1"]
+
+
+def test_native_and_python_loops_materialize_the_same_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_calls: list[int]) -> None:
+    """Both loops lay out the committed tree exactly (owners, modes, xattrs on files and symlinks, times, odd
+    names, sparse and loose files, a path past LONG_PATH); the native one makes all but what the system cannot
+    take from it (a path past PATH_MAX, made by Python through its parent)."""
+    from imgstore import generations
+    from imgstore import materialize as mat
+    from imgstore.locking import store_lock
+
+    tree = _rich_tree(tmp_path)
     res = _commit(tmp_path / "store", tree)
     trees = {}
     for how in ("0", "1"):
