@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 from . import native
@@ -116,17 +117,47 @@ def _group(objects: ObjectStore, group: Group) -> native.MakeGroup:
     return objects.pack_fd(slot.pack), slot.offset, slot.clen, specs
 
 
-def link_files(es: list[Entry], sources: dict[int, tuple[int, bytes]], root_fd: int) -> set[int]:
-    """Hardlink the entries that have a source ({id(entry): (directory fd, path below it)}: another tree's
-    file, or an earlier path of this tree), in the Rust link loop where it is built; return the ids of those
-    linked. restore() does the rest as it would have: a source that is not what its entry says, or at the link
-    limit, gets a new file."""
+def make_and_link(objects: ObjectStore, es: list[Entry], make: list[Entry], sources: dict[int, tuple[int, bytes]],
+                  root_fd: int, fault: Callable[[], None] | None = None) -> set[int]:
+    """make_files(make), and hardlink the entries that have a source ({id(entry): (directory fd, path below
+    it)}: another tree's file, or an earlier path of this tree) in the Rust link loop where it is built; return
+    the ids of the entries made or linked. The links to other trees are made while the write loop runs (both
+    release the GIL), those within this tree after it (their sources are among what it makes). restore() does
+    the rest as it would have: a source that is not what its entry says, or at the link limit, gets a new file."""
     link = native.linker()
-    if link is None or not sources:
-        return set()
-    todo = [e for e in es if id(e) in sources]
-    failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], os.geteuid() == 0, threads()))
-    return {id(e) for i, e in enumerate(todo) if i not in failed}
+    if link is None:
+        make_files(objects, make, root_fd, fault=fault)
+        return {id(e) for e in make}
+    outside = [e for e in es if id(e) in sources and sources[id(e)][0] != root_fd]
+    inside = [e for e in es if id(e) in sources and sources[id(e)][0] == root_fd]
+    own = os.geteuid() == 0
+
+    def linked(todo: list[Entry]) -> set[int]:
+        if not todo:
+            return set()
+        failed = set(link(root_fd, todo, [sources[id(e)] for e in todo], own, threads()))
+        return {id(e) for i, e in enumerate(todo) if i not in failed}
+
+    done: list[set[int]] = []
+    errors: list[BaseException] = []
+
+    def link_outside() -> None:
+        try:
+            done.append(linked(outside))
+        except BaseException as exc:  # re-raised below, in the command's thread
+            errors.append(exc)
+
+    beside = threading.Thread(target=link_outside, name="imgstore-link") if outside else None
+    if beside:
+        beside.start()
+    try:
+        make_files(objects, make, root_fd, fault=fault)
+    finally:
+        if beside:
+            beside.join()
+    if errors:
+        raise errors[0]
+    return {id(e) for e in make}.union(*done, linked(inside))
 
 
 def threads() -> int:

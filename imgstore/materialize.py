@@ -147,8 +147,8 @@ def materialize(store: Store, gen: Generation) -> tuple[Path, bool]:
                 check_objects(store.objects, es)  # before the first write (a source found changed is made anew)
                 fill.make_dirs(es, root_fd)
                 with writing_back(store.root):
-                    fill.make_files(store.objects, make, root_fd, fault=lambda: faults.point("materialize.in-fill"))
-                made = {id(e) for e in make} | fill.link_files(es, sources, root_fd)
+                    made = fill.make_and_link(store.objects, es, make, sources, root_fd,
+                                              fault=lambda: faults.point("materialize.in-fill"))
                 restore(store.objects, es, staging, own=os.geteuid() == 0, made=made,
                         link_source=lambda e: sources.get(id(e)))
             _write_keys(keys_tmp, keys)
