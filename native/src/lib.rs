@@ -1,5 +1,6 @@
 //! imgstore's native loops (docs/benchmarks.md): commit's read loop ("First commit, session 11: the read loop
-//! in Rust") and materialize's write loop ("First materialize, session 16: the write loop in Rust").
+//! in Rust"), the write and link loops of materialize and checkout ("Materialize, session 16", "Materialize and
+//! checkout, session 17"; imgstore/fill.py).
 //!
 //! `read_files` reads a run of small regular files back to back into a caller's buffer and hashes each
 //! with BLAKE3, all with the GIL released: the Python loop it replaces released and took back the GIL
