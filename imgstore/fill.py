@@ -59,24 +59,23 @@ def make_files(objects: ObjectStore, make: list[Entry], root_fd: int,
         groups.setdefault(key, []).append((e, slot))
     own = os.geteuid() == 0
     fill = native.filler()
-    if fill is None:
-        def make_group(group: Group) -> None:
-            for e, _ in group:
-                _make_here(objects, root_fd, e, own)
-            if fault:
-                fault()
 
-        run_split(make_group, list(groups.values()), weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
-        if progress:
-            progress(len(make), sum(e.size for e in make))
-        return
-    entries = nbytes = 0
-    for work in _parts(list(groups.values()), PROGRESS_EVERY if progress else None):
-        left = fill(root_fd, [_group(objects, g) for g in work], own, threads())
+    def make_group(group: Group) -> None:  # without the native module: in two processes (forkjoin)
+        for e, _ in group:
+            _make_here(objects, root_fd, e, own)
         if fault:
             fault()
-        for gi, i in left:
-            _make_here(objects, root_fd, work[gi][i][0], own)
+
+    entries = nbytes = 0
+    for work in _parts(list(groups.values()), PROGRESS_EVERY if progress else None):
+        if fill is None:
+            run_split(make_group, work, weight=lambda g: sum(e.size + COPY_COST for e, _ in g))
+        else:
+            left = fill(root_fd, [_group(objects, g) for g in work], own, threads())
+            if fault:
+                fault()
+            for gi, i in left:
+                _make_here(objects, root_fd, work[gi][i][0], own)
         if progress:
             entries += sum(len(g) for g in work)
             nbytes += sum(e.size for g in work for e, _ in g)
