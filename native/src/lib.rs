@@ -585,7 +585,7 @@ fn make_dirs(py: Python<'_>, root_fd: i32, paths: Vec<&[u8]>) -> usize {
 const LINK_RUN: usize = 256; // entries a thread of link_files links in a row (one SourceDirs each)
 
 /// Runs jobs 0..jobs in up to `threads` scoped threads, each taking the next job as it is free, with a state
-/// of its own (`start()`, None if it cannot be made); returns each thread's state, or None if one failed.
+/// of its own made by `start()`; returns each thread's state, or None if a thread panicked.
 fn in_threads<S: Send>(
     threads: usize, jobs: usize, start: impl Fn() -> S + Sync, job: impl Fn(&mut S, usize) + Sync,
 ) -> Option<Vec<S>> {
