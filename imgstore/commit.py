@@ -29,7 +29,7 @@ from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import BLOCK, LOOSE_MIN, Block, ObjectStore
-from .scan import Found, describe, walk
+from .scan import Found, Lstat, describe, walk
 from .statcache import Row, StatCache, cache_path, file_digest, key
 from .store import Store
 
@@ -77,7 +77,7 @@ Progress = Callable[[int, int], None]
 _Batch = tuple[list[tuple[str, int]], int, int]
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
+def _same(a: Lstat, b: Lstat) -> bool:
     return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
@@ -358,7 +358,7 @@ def commit(
             result["new_objects"] += new_objects
             result["new_bytes"] += new_bytes
 
-        def cached(rel: bytes, st: os.stat_result, first: bytes | None, row: Row) -> bool:
+        def cached(rel: bytes, st: Lstat, first: bytes | None, row: Row) -> bool:
             """Whether the cached row of a walked entry can be used. Its lstat fields match, so it is of the same
             kind; but a file's content may have been removed by gc since, and which path of a hardlinked inode
             comes first is the walk's to say (an exclude may have hidden the first)."""

@@ -1,5 +1,5 @@
 """imgstore's loops in Rust (native/src/lib.rs, built into imgstore/_native by setuptools-rust when cargo and
-Debian's crates are installed: scripts/setup.sh): commit's read loop, materialize's write and link loops, the
+Debian's crates are installed: scripts/setup.sh): commit's walk and read loop, materialize's write and link loops, the
 manifest decoder, the pack index reader and materialize's keys. Optional: without it all of them run in
 Python, slower (docs/benchmarks.md) and the same in every byte. Each accessor gives None where the module was
 not built or IMGSTORE_NATIVE=0 turns it off; the caller then runs its Python version."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 # (path, st_ino, st_size, st_mtime_ns, st_ctime_ns) of each file, the block, where to start, where to stop.
@@ -32,6 +32,11 @@ NativeDecode = Callable[[bytes, type], "list[Any] | None"]
 NativeIndex = Callable[[bytes, bool, int, int, dict[bytes, int]], bool]
 # Entries -> materialize.mat_key of each file and symlink, None for the others.
 NativeKeys = Callable[[list[Any]], list[str | None]]
+# Chunks of the walk: (path, absolute path, Stat, first path of the inode or None) of each entry, paths on other
+# filesystems, sockets, how many were excluded, (errno, path, whether listing a directory failed) or None.
+NativeWalker = Iterator[tuple[list[Any], list[bytes], list[bytes], int, "tuple[int, bytes, bool] | None"]]
+# root, its st_dev, exclude patterns -> the walk below the root (started by the first next()).
+NativeWalk = Callable[[bytes, int, list[bytes]], NativeWalker]
 
 
 def reader() -> NativeRead | None:
@@ -60,6 +65,10 @@ def indexer() -> NativeIndex | None:
 
 def keyer() -> NativeKeys | None:
     return cast("NativeKeys | None", _function("mat_keys"))
+
+
+def walker() -> NativeWalk | None:
+    return cast("NativeWalk | None", _function("walk_tree"))
 
 
 def describe() -> str:

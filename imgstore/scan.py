@@ -3,6 +3,9 @@
 The walk stays on the chroot's filesystem: /proc, /sys, /dev/pts and other mounts left behind by
 `chroot ... apt-get` are skipped and reported. Sockets are skipped with a warning (they cannot be
 recreated meaningfully). Siblings are visited in name-byte order, so the output is in manifest order.
+
+Where the native module is built, the walk runs in a thread of its own (native/src/walk.rs), ahead of the loop
+that consumes it; _walk is its Python twin, and tests/test_walk.py checks that both yield the same.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from typing import Protocol
 
+from . import native
 from .durable import LONG_PATH, short_path
 from .errors import NotFound, UsageError
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
@@ -33,14 +38,19 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 
 
-def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
-    """Glob patterns anchored at the chroot root: '*' and '?' stay inside one name, '**' crosses '/'."""
-    parts = []
+def check_excludes(patterns: Sequence[str]) -> None:
     for pat in patterns:
         if not pat.startswith("/"):
             raise UsageError(
                 f"exclude pattern {pat!r} must start with '/'", "anchor it at the chroot root, e.g. /tmp/*"
             )
+
+
+def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
+    """Glob patterns anchored at the chroot root: '*' and '?' stay inside one name, '**' crosses '/'."""
+    check_excludes(patterns)
+    parts = []
+    for pat in patterns:
         rx = ""
         i = 0
         while i < len(pat):
@@ -62,7 +72,34 @@ def compile_excludes(patterns: Sequence[str]) -> re.Pattern[bytes] | None:
     return re.compile(("(?:" + "|".join(parts) + ")").encode("utf-8", "surrogateescape"), re.DOTALL)
 
 
-Walked = tuple[bytes, bytes, os.stat_result, bytes | None]
+class Lstat(Protocol):
+    """What commit uses of an lstat: an os.stat_result, or the native walk's Stat (the same names)."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_dev(self) -> int: ...
+    @property
+    def st_nlink(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_blocks(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
+Walked = tuple[bytes, bytes, Lstat, bytes | None]
 """What the walk yields: path, absolute path, lstat, and for a later path of a hardlinked file the first path."""
 
 
@@ -71,7 +108,7 @@ class Found:
 
     __slots__ = ("entry", "abspath", "st", "root")
 
-    def __init__(self, entry: Entry, abspath: bytes, st: os.stat_result, root: bytes = b"") -> None:
+    def __init__(self, entry: Entry, abspath: bytes, st: Lstat, root: bytes = b"") -> None:
         self.entry = entry
         self.abspath = abspath
         self.st = st
@@ -110,7 +147,7 @@ def read_xattrs(path: bytes, follow: bool = False) -> tuple[tuple[bytes, bytes],
     return tuple(out)
 
 
-def entry_from_stat(rel: bytes, abspath: bytes, st: os.stat_result) -> Entry | None:
+def entry_from_stat(rel: bytes, abspath: bytes, st: Lstat) -> Entry | None:
     m = st.st_mode
     e = Entry(
         path=rel, type="", mode=stat.S_IMODE(m), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
@@ -165,7 +202,12 @@ def walk(
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)} is not a directory", "give the path of the chroot directory")
     report = ScanReport([], [])
-    return _walk(root_b, st, compile_excludes(excludes), report), report
+    walker = native.walker()
+    if walker is None:
+        return _walk(root_b, st, compile_excludes(excludes), report), report
+    check_excludes(excludes)
+    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
+    return _walk_native(walker(root_b, st.st_dev, patterns), root_b, st, report), report
 
 
 def scan(
@@ -192,8 +234,24 @@ def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:
 _KINDS = frozenset((stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO))  # besides S_IFREG
 
 
+def _walk_native(chunks: native.NativeWalker, root: bytes, root_st: Lstat, report: ScanReport) -> Iterator[Walked]:
+    """_walk's entries and report, from the native walk's thread (native/src/walk.rs)."""
+    yield b".", root, root_st, None
+    for items, mounts, sockets, excluded, error in chunks:
+        yield from items
+        report.skipped_mounts += ["/" + os.fsdecode(m) for m in mounts]
+        report.skipped_sockets += ["/" + os.fsdecode(s) for s in sockets]
+        report.excluded += excluded
+        if error is not None:
+            code, rel, listing = error
+            path = root + b"/" + rel if rel else root
+            if listing:
+                raise UsageError(f"cannot read directory {os.fsdecode(path)}: {os.strerror(code)}", "check permissions")
+            raise OSError(code, os.strerror(code), path)
+
+
 def _walk(
-    root: bytes, root_st: os.stat_result, exclude_rx: re.Pattern[bytes] | None, report: ScanReport,
+    root: bytes, root_st: Lstat, exclude_rx: re.Pattern[bytes] | None, report: ScanReport,
 ) -> Iterator[Walked]:
     # An explicit stack, not recursion: paths may be 4,000 bytes deep. A directory's walk stops at each
     # subdirectory and goes on after it, from the iterator over its names left on the stack.

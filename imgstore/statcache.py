@@ -31,6 +31,8 @@ from .manifest import sort_key
 if TYPE_CHECKING:
     from zstandard import ZstdCompressor
 
+    from .scan import Lstat
+
 MAGIC = b"imgstore-statcache 6\n"  # then blocks: a header, then one record per entry (docs/format.md)
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
@@ -43,7 +45,7 @@ _BUFFER = 1 << 20
 Row = tuple[bytes, bytes, bytes]  # path, key, manifest line
 
 
-def key(st: os.stat_result) -> bytes:
+def key(st: Lstat) -> bytes:
     """What must not have moved for a cached line to still describe the entry."""
     size = st.st_size
     return KEY.pack(st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
@@ -96,7 +98,7 @@ class StatCache:
         if self._first_miss is None:
             self._first_miss = self._lookups
 
-    def lookup(self, rel: bytes, st: os.stat_result) -> Row | None:
+    def lookup(self, rel: bytes, st: Lstat) -> Row | None:
         """The row recorded for this entry, if its line still describes it; None is a miss."""
         row = self._cur
         if row is not None and row[0] == rel:  # the common case, without a call to _find or _advance

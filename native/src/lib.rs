@@ -1,6 +1,6 @@
 //! imgstore's native loops (docs/benchmarks.md): commit's read loop ("First commit, session 11: the read loop
 //! in Rust"), the write and link loops of materialize and checkout ("Materialize, session 16", "Materialize and
-//! checkout, session 17"; imgstore/fill.py).
+//! checkout, session 17"; imgstore/fill.py), and commit's walk (walk.rs).
 //!
 //! `read_files` reads a run of small regular files back to back into a caller's buffer and hashes each
 //! with BLAKE3, all with the GIL released: the Python loop it replaces released and took back the GIL
@@ -15,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+
+mod walk;
 
 struct Wanted {
     path: Option<CString>,
@@ -947,5 +949,9 @@ fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(add_index_records, m)?)?;
     m.add_function(wrap_pyfunction!(mat_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(walk::walk_tree, m)?)?;
+    m.add_function(wrap_pyfunction!(walk::exclude_matches, m)?)?;
+    m.add_class::<walk::Walker>()?;
+    m.add_class::<walk::Stat>()?;
     Ok(())
 }
