@@ -47,6 +47,9 @@ Row = tuple[bytes, bytes, bytes]  # path, key, manifest line
 
 def key(st: Lstat) -> bytes:
     """What must not have moved for a cached line to still describe the entry."""
+    made: bytes | None = getattr(st, "key", None)  # the native walk's Stat brings it (its fields are slower to get)
+    if made is not None:
+        return made
     size = st.st_size
     return KEY.pack(st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
                     st.st_blocks * 512 < size)
@@ -111,10 +114,7 @@ class StatCache:
         else:
             row = self._find(rel)
         self._lookups += 1
-        size = st.st_size
-        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != KEY.pack(
-                st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
-                st.st_blocks * 512 < size):  # key(st), without a call
+        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != key(st):
             self.miss()
             return None
         return row

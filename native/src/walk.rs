@@ -40,13 +40,33 @@ pub struct Stat {
     #[pyo3(get)]
     st_rdev: u64,
     #[pyo3(get)]
-    st_mtime_ns: i64,
+    st_mtime_ns: i128,
     #[pyo3(get)]
-    st_ctime_ns: i64,
+    st_ctime_ns: i128,
+    /// statcache.key() of it, made here (getters cost): None where a time does not fit, for Python to fail on
+    #[pyo3(get)]
+    key: Option<PyObject>,
+}
+
+/// statcache.KEY: "<QqqqIQII?", little-endian, packed.
+fn cache_key(st: &libc::stat, mtime_ns: i128, ctime_ns: i128) -> Option<Vec<u8>> {
+    let mut k = Vec::with_capacity(53);
+    k.extend_from_slice(&st.st_ino.to_le_bytes());
+    k.extend_from_slice(&st.st_size.to_le_bytes());
+    k.extend_from_slice(&i64::try_from(mtime_ns).ok()?.to_le_bytes());
+    k.extend_from_slice(&i64::try_from(ctime_ns).ok()?.to_le_bytes());
+    k.extend_from_slice(&st.st_mode.to_le_bytes());
+    k.extend_from_slice(&st.st_nlink.to_le_bytes());
+    k.extend_from_slice(&st.st_uid.to_le_bytes());
+    k.extend_from_slice(&st.st_gid.to_le_bytes());
+    k.push(u8::from(st.st_blocks.saturating_mul(512) < st.st_size));
+    Some(k)
 }
 
 impl Stat {
-    fn of(st: &libc::stat) -> Stat {
+    fn of(py: Python<'_>, st: &libc::stat) -> Stat {
+        let mtime_ns = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
+        let ctime_ns = i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec);
         Stat {
             st_mode: st.st_mode,
             st_ino: st.st_ino,
@@ -57,8 +77,9 @@ impl Stat {
             st_size: st.st_size,
             st_blocks: st.st_blocks,
             st_rdev: st.st_rdev,
-            st_mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            st_ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            st_mtime_ns: mtime_ns,
+            st_ctime_ns: ctime_ns,
+            key: cache_key(st, mtime_ns, ctime_ns).map(|k| PyBytes::new(py, &k).into()),
         }
     }
 }
@@ -437,7 +458,7 @@ impl Walker {
             let item: [PyObject; 4] = [
                 PyBytes::new(py, rel).into(),
                 PyBytes::new(py, &abs).into(),
-                Py::new(py, Stat::of(st))?.into_py(py),
+                Py::new(py, Stat::of(py, st))?.into_py(py),
                 first.as_deref().map(|f| PyBytes::new(py, f)).into_py(py),
             ];
             items.append(PyTuple::new(py, item))?;
