@@ -37,6 +37,7 @@ MAGIC = b"imgstore-statcache 6\n"  # then blocks: a header, then one record per 
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
 
 KEY = struct.Struct("<QqqqIQII?")  # ino, size, mtime_ns, ctime_ns, mode, nlink, uid, gid, sparse
+NEVER = b"\xff" * KEY.size  # a key no lstat gives (its size would be -1)
 _LENS = struct.Struct("<II")  # a record: path and line lengths, then the path, key and line
 _LEN = struct.Struct("<I")
 _START = struct.Struct("<q")
@@ -51,8 +52,11 @@ def key(st: Lstat) -> bytes:
     if made is not None:
         return made
     size = st.st_size
-    return KEY.pack(st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
-                    st.st_blocks * 512 < size)
+    try:
+        return KEY.pack(st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid,
+                        st.st_gid, st.st_blocks * 512 < size)
+    except struct.error:
+        return NEVER  # a time past 2262 (ext4 goes to 2446): such an entry is examined every time
 
 
 class StatCache:
@@ -114,7 +118,7 @@ class StatCache:
         else:
             row = self._find(rel)
         self._lookups += 1
-        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != key(st):
+        if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != key(st) or row[1] == NEVER:
             self.miss()
             return None
         return row

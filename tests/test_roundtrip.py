@@ -243,3 +243,39 @@ def test_put_chunks_matches_put_bytes(store: Store) -> None:
         store.objects.flush()
         assert digest == blake3.blake3(data).hexdigest()
         assert store.objects.read(digest) == data
+
+
+@pytest.mark.parametrize("native_loops", [True, False], ids=["native", "python"])
+def test_times_past_2262_and_before_1970_round_trip(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     native_loops: bool) -> None:
+    """ext4 keeps times to 2446, past what nanoseconds in 64 bits hold (2262): such a file is committed (never
+    trusted from the stat cache), checked out, materialized and shared between trees like any other."""
+    from imgstore import materialize
+
+    if not native_loops:
+        monkeypatch.setenv("IMGSTORE_NATIVE", "0")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    times = {"future": 13_569_465_600_123_456_789, "past": -1_000_000_000_123, "now": None}
+    for name, ns in times.items():
+        (tree / name).write_text(name)
+        if ns is not None:
+            os.utime(tree / name, ns=(ns, ns))
+    import time
+
+    time.sleep(1.1)  # the cache trusts only files changed before its scan began
+    first = do_commit(store, tree)
+    again = do_commit(store, tree)
+    assert not again.created and again.read_files == 1  # only the file past 2262 is read again
+    (tree / "now").write_text("changed")
+    second = do_commit(store, tree)
+    for res, dest in ((first, tmp_path / "out1"), (second, tmp_path / "out2")):
+        browse.checkout(store, res.generation, dest)
+    trees = [materialize.materialize(store, res.generation)[0] for res in (first, second)]
+    problems = diff_snapshots(snapshot(tree), snapshot(tmp_path / "out2"))
+    assert not problems, problems
+    for dest in (tmp_path / "out2", trees[1]):  # the trees share their files: hardlinks, which snapshot() notes
+        assert (dest / "now").read_text() == "changed"
+        assert os.stat(dest / "future").st_mtime_ns == times["future"]
+        assert os.stat(dest / "past").st_mtime_ns == times["past"]
+    assert os.stat(trees[1] / "future").st_ino == os.stat(trees[0] / "future").st_ino  # shared, not copied

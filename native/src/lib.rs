@@ -360,7 +360,7 @@ struct Buffers {
     chunk: Vec<u8>,
 }
 
-type Meta = (u32, u32, u32, i64); // uid, gid, mode, mtime_ns
+type Meta = (u32, u32, u32, i128); // uid, gid, mode, mtime_ns (ext4 keeps times to 2446, past i64's 2262)
 type Xattrs<'a> = Vec<(&'a [u8], &'a [u8])>;
 type MakeItem<'a> = (&'a [u8], Option<&'a [u8]>, Option<&'a [u8]>, usize, usize, &'a [u8], Meta, Xattrs<'a>, bool);
 
@@ -383,9 +383,9 @@ fn to_make(item: &PyAny) -> PyResult<Option<Make>> {
         Ok(named) => named,
         Err(_) => return Ok(None),
     };
-    let mtime = libc::timespec {
-        tv_sec: mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
-        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as libc::c_long,
+    let mtime = match libc::time_t::try_from(mtime_ns.div_euclid(1_000_000_000)) {
+        Ok(tv_sec) => libc::timespec { tv_sec, tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as libc::c_long },
+        Err(_) => return Ok(None), // no system takes it: Python names the error
     };
     Ok(Some(Make { path, source, size, digest: digest.to_vec(), sparse, uid, gid, mode, mtime, xattrs }))
 }
@@ -434,7 +434,7 @@ struct Link {
     uid: u32,
     gid: u32,
     mode: u32,
-    mtime_ns: i64,
+    mtime_ns: i128,
 }
 
 /// The directories of the source trees, opened one component at a time (no symlink followed, no '..') and
@@ -519,7 +519,7 @@ fn link_one(root_fd: libc::c_int, l: &Link, dirs: &mut SourceDirs, own: bool) ->
         let same = (st.st_mode & libc::S_IFMT) == kind
             && st.st_size as u64 == l.size
             && (!own || (st.st_uid == l.uid && st.st_gid == l.gid))
-            && st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64 == l.mtime_ns
+            && i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec) == l.mtime_ns
             && (!l.file || st.st_mode & 0o7777 == l.mode);
         same && libc::linkat(pfd, base.as_ptr(), root_fd, l.dst.as_ptr(), 0) == 0
     }
@@ -545,7 +545,7 @@ fn link_files(
         let (src_root, src_path): (i32, &[u8]) = source.extract()?;
         let file = e.getattr("type")?.extract::<&str>()? == "f";
         let size: u64 = if file { e.getattr("size")?.extract()? } else { e.getattr("target")?.len()? as u64 };
-        let (uid, gid, mode, mtime_ns): (u32, u32, u32, i64) = (
+        let (uid, gid, mode, mtime_ns): (u32, u32, u32, i128) = (
             e.getattr("uid")?.extract()?,
             e.getattr("gid")?.extract()?,
             e.getattr("mode")?.extract()?,

@@ -43,7 +43,7 @@ pub struct Stat {
     st_mtime_ns: i128,
     #[pyo3(get)]
     st_ctime_ns: i128,
-    /// statcache.key() of it, made here (getters cost): None where a time does not fit, for Python to fail on
+    /// statcache.key() of it, made here (getters cost): None where a time does not fit, for Python to say so
     #[pyo3(get)]
     key: Option<PyObject>,
 }
