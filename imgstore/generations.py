@@ -6,7 +6,6 @@ so the same manifest, kernel, initrd and boot parameters always give the same id
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from typing import Any, NamedTuple
@@ -184,6 +183,8 @@ def not_found(conn: Connection, ref: str, profile: str | None) -> NotFound:
             return NotFound(f"generation {g.ref} was removed by gc on {when}", "run: imgstore generations")
     gens = list_(conn, profile) or list_(conn)
     candidates = [g.ref for g in gens] + [g.gen_id[:12] for g in gens]
+    import difflib  # only to suggest a name: not imported by every command
+
     close = difflib.get_close_matches(ref, candidates, 3, 0.4)
     if not close and gens:
         close = [g.ref for g in gens[-3:]]
