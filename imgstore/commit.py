@@ -29,7 +29,7 @@ from .generations import Generation
 from .locking import store_lock
 from .manifest import FILE, HARDLINK, SYMLINK, Entry, decode_line
 from .objects import BLOCK, LOOSE_MIN, Block, ObjectStore
-from .scan import Found, Lstat, describe, walk
+from .scan import Found, Lstat, Run, describe, walk_cached
 from .statcache import Row, StatCache, cache_path, file_digest, key
 from .store import Store
 
@@ -264,7 +264,15 @@ def _read_into(fd: int, room: memoryview) -> int:
     return n
 
 
-def _ready(item: Row | Found) -> bool:
+def _stored(objects: ObjectStore) -> Callable[[list[bytes]], bool]:
+    def stored(digests: list[bytes]) -> bool:
+        """Whether all are stored: looked up in the pack index at C speed, else one by one."""
+        return all(map(objects.index.slots.__contains__, digests)) or all(map(objects.has_raw, digests))
+
+    return stored
+
+
+def _ready(item: Row | Found | Run) -> bool:
     return not isinstance(item, Found) or bool(item.entry.digest)
 
 
@@ -326,7 +334,10 @@ def commit(
             raise NotFound(f"{what} {p} is not a file", f"give the path of the {what[2:]} image")
     if no_kernel and (kernel or initrd):
         raise UsageError("--no-kernel contradicts --kernel/--initrd", "give one or the other")
-    walked, report = walk(chroot, profile.excludes)
+    # The old stat cache is read with the walk, from its first entry on: inside the lock.
+    cache = StatCache(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
+    objects = store.objects
+    walked, report = walk_cached(chroot, profile.excludes, cache, _LOOKED_AT, (b"boot/",), _stored(objects))
     root = os.fsencode(chroot)
     _ = store.engine  # open and check the database before doing any work
 
@@ -338,8 +349,6 @@ def commit(
 
             discard_stale(store)
         scan_started = time.time_ns()
-        cache = StatCache.load(cache_path(store.root, profile.name, os.fspath(chroot)), os.fspath(chroot))
-        objects = store.objects
         _ = objects.index, objects.loose  # loaded before the worker threads look at them
         result = {"files": 0, "bytes": 0, "read_files": 0, "read_bytes": 0, "new_objects": 0, "new_bytes": 0}
         pending: deque[tuple[list[Found], Future[_Batch]]] = deque()
@@ -389,67 +398,83 @@ def commit(
             it are known. An entry as the stat cache found it is its cached line; files are read in batches by
             worker threads, and a line waits for its head's batch."""
             nonlocal batch, batch_bytes, entries
-            waiting: deque[Row | Found] = deque()
+            waiting: deque[Row | Found | Run] = deque()
 
-            def emit(item: Row | Found) -> bytes:
+            def emit(item: Row | Found | Run) -> bytes:
                 if isinstance(item, Found):
                     e = item.entry
                     item = (e.path, key(item.st), e.encode())
+                elif not isinstance(item, tuple):
+                    cache.record_run(item.n, item.records)
+                    return item.lines
                 cache.record(*item)
                 return item[2]
 
             out = bytearray(manifest.HEADER)  # lines go out in chunks: a yield per line costs more
-            lookup, record = cache.lookup, cache.record
+            record = cache.record
+            poll_at = POLL
+            progress_at = 256
             with _workers() as pool:
                 for w in walked:
-                    entries += 1
-                    rel, _abspath, st, first = w
-                    row = lookup(rel, st)
-                    item: Row | Found
-                    if row is not None and cached(rel, st, first, row):
-                        item = row
-                    else:
-                        if row is not None:
-                            cache.miss()
-                        item = describe(w, root)
-                        e = item.entry
-                        if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
-                            kept[e.path] = e
-                        if e.type == FILE:
-                            result["files"] += 1
-                            result["bytes"] += e.size
-                            # Small files travel in batches: one task per file would cost more in thread
-                            # hand-offs than reading the file does.
-                            batch.append(item)
-                            batch_bytes += e.size
-                            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                                pending.append((batch, pool.submit(reader.batch, batch)))
-                                batch, batch_bytes = [], 0
-                                while len(pending) > WINDOW:
-                                    take_head()
+                    item: Row | Found | Run
+                    if isinstance(w, tuple):
+                        entries += 1
+                        rel, _abspath, st, first, row = w
+                        if row is not None and cached(rel, st, first, row):
+                            item = row
                         else:
-                            item = (e.path, key(st), e.encode())
-                    if not waiting and not isinstance(item, Found):
-                        record(*item)  # nothing waits before it: the common case of an unchanged tree
-                        out += item[2]
-                    else:
+                            if row is not None:
+                                cache.missed(entries - 1)
+                            item = describe(w, root)
+                            e = item.entry
+                            if e.type in (SYMLINK, HARDLINK) or e.path.startswith(b"boot/") or e.path in _LOOKED_AT:
+                                kept[e.path] = e
+                            if e.type == FILE:
+                                result["files"] += 1
+                                result["bytes"] += e.size
+                                # Small files travel in batches: one task per file would cost more in thread
+                                # hand-offs than reading the file does.
+                                batch.append(item)
+                                batch_bytes += e.size
+                                if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                                    pending.append((batch, pool.submit(reader.batch, batch)))
+                                    batch, batch_bytes = [], 0
+                                    while len(pending) > WINDOW:
+                                        take_head()
+                            else:
+                                item = (e.path, key(st), e.encode())
+                    else:  # a run of entries found as they were (the native walk's): nothing to look at
+                        item = w
+                        entries += w.n
+                        result["files"] += w.files
+                        result["bytes"] += w.size
+                    if waiting or isinstance(item, Found):
                         waiting.append(item)
-                        if batch and waiting[0] is batch[0] and len(waiting) > BATCH_FILES:
+                        held = entries - cache.records  # entries waiting (a run is many)
+                        if batch and waiting[0] is batch[0] and held > BATCH_FILES:
                             # The head waits in a batch that may never fill (one changed file among cached ones):
                             # a task for it costs less than holding every entry after it in line.
                             pending.append((batch, pool.submit(reader.batch, batch)))
                             batch, batch_bytes = [], 0
                         # The head's batch is asked about every POLL entries (done() takes a lock), not each time:
                         # until it is done, nothing behind it can go out anyway.
-                        if entries % POLL == 0 or len(waiting) > MAX_WAITING:
-                            while pending and (pending[0][1].done() or len(waiting) > MAX_WAITING):
+                        if entries >= poll_at or held > MAX_WAITING:
+                            poll_at = entries + POLL
+                            while pending and (pending[0][1].done() or entries - cache.records > MAX_WAITING):
                                 take_head()
                             while waiting and _ready(waiting[0]):
                                 out += emit(waiting.popleft())
+                    elif isinstance(item, tuple):  # nothing waits before it: the common case of an unchanged tree
+                        record(*item)
+                        out += item[2]
+                    else:
+                        cache.record_run(item.n, item.records)
+                        out += item.lines
                     if len(out) >= OUT_CHUNK:
                         yield bytes(out)
                         out.clear()
-                    if progress and entries % 256 == 0:
+                    if progress and entries >= progress_at:
+                        progress_at = entries + 256
                         progress(entries, result["bytes"])
                 if batch:
                     pending.append((batch, pool.submit(reader.batch, batch)))
@@ -478,9 +503,11 @@ def commit(
                 # How much more: what the rest of the tree holds that is not stored yet (uncompressed, so an
                 # upper bound), plus what was in flight.
                 rest = 0
-                for rel, _, st, first in walked:
+                for w in walked:
+                    if not isinstance(w, tuple):
+                        continue  # a run: its files' content is stored
+                    _, _, st, first, row = w
                     if first is None and stat.S_ISREG(st.st_mode):
-                        row = cache.lookup(rel, st)
                         digest = None if row is None else file_digest(row[2])
                         if digest is None or not objects.has_raw(digest):
                             rest += st.st_size

@@ -32,11 +32,13 @@ NativeDecode = Callable[[bytes, type], "list[Any] | None"]
 NativeIndex = Callable[[bytes, bool, int, int, dict[bytes, int]], bool]
 # Entries -> materialize.mat_key of each file and symlink, None for the others.
 NativeKeys = Callable[[list[Any]], list[str | None]]
-# Chunks of the walk: (path, absolute path, Stat, first path of the inode or None) of each entry, paths on other
-# filesystems, sockets, how many were excluded, (errno, path, whether listing a directory failed) or None.
-NativeWalker = Iterator[tuple[list[Any], list[bytes], list[bytes], int, "tuple[int, bytes, bool] | None"]]
-# root, its st_dev, exclude patterns -> the walk below the root (started by the first next()).
-NativeWalk = Callable[[bytes, int, list[bytes]], NativeWalker]
+# Chunks of the walk: (path, absolute path, Stat, first path of the inode or None[, stat cache row or None]) of
+# each entry or a run of them (scan.Run), paths on other filesystems, sockets, how many were excluded, the first
+# entry the stat cache did not have as it was or None, (errno, path, whether listing a directory failed) or None.
+NativeWalker = Iterator[tuple[list[Any], list[bytes], list[bytes], int, "int | None", "tuple[int, bytes, bool] | None"]]
+# root, its st_dev, exclude patterns, (stat cache path, its margin, paths and path prefixes commit keeps) or None
+#  -> the walk of the tree (started by the first next()).
+NativeWalk = Callable[[bytes, int, list[bytes], "tuple[bytes, int, list[bytes], list[bytes]] | None"], NativeWalker]
 
 
 def reader() -> NativeRead | None:

@@ -6,7 +6,6 @@ root, so a demo or test store can keep its TFTP root and root links inside one f
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from pathlib import Path
@@ -123,6 +122,8 @@ def load(path: Path, base: Path) -> Profile:
             if table == "" and key in SCHEMA:
                 continue
             if key not in keys:
+                import difflib  # only to suggest a name
+
                 close = difflib.get_close_matches(key, list(keys), 1)
                 raise fail(table, key, "is unknown" + (f"; did you mean '{close[0]}'?" if close else ""))
             typ = keys[key][0]
@@ -187,6 +188,8 @@ def find(directory: Path, name: str, base: Path) -> Profile:
     path = directory / f"{name}.toml"
     if not NAME_RE.match(name) or not path.is_file():
         known = names(directory)
+        import difflib
+
         close = difflib.get_close_matches(name, known, 3, 0.5) or known[:5]
         raise NotFound(
             f"profile {name!r} does not exist in {directory}"

@@ -14,14 +14,17 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 from . import native
 from .durable import LONG_PATH, short_path
 from .errors import NotFound, UsageError
 from .manifest import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+
+if TYPE_CHECKING:
+    from .statcache import Row, StatCache
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     "/var/cache/apt/archives/*.deb",
@@ -103,6 +106,24 @@ Walked = tuple[bytes, bytes, Lstat, bytes | None]
 """What the walk yields: path, absolute path, lstat, and for a later path of a hardlinked file the first path."""
 
 
+class Run(Protocol):
+    """Consecutive entries the stat cache has as they were, which commit need not look at one by one (the native
+    walk's, native/src/walk.rs)."""
+
+    n: int
+    lines: bytes  # their manifest lines
+    records: bytes  # their stat cache records, as the cache file has them
+    digests: list[bytes]  # the raw digests of the files among them
+    files: int
+    size: int  # the files' bytes
+
+    def items(self) -> list[Cached]: ...
+
+
+Cached = Union[tuple[bytes, bytes, Lstat, bytes | None, "Row | None"], Run]
+"""What walk_cached yields: a walked entry with its stat cache row (None: a miss), or a run of them."""
+
+
 class Found:
     """An entry plus what commit needs to read it and to record it in the stat cache."""
 
@@ -173,9 +194,9 @@ def entry_from_stat(rel: bytes, abspath: bytes, st: Lstat) -> Entry | None:
     return e
 
 
-def describe(walked: Walked, root: bytes) -> Found:
+def describe(walked: Walked | tuple[bytes, bytes, Lstat, bytes | None, Row | None], root: bytes) -> Found:
     """A walked path as a whole entry: its xattrs and symlink target read."""
-    rel, abspath, st, first = walked
+    rel, abspath, st, first = walked[0], walked[1], walked[2], walked[3]
     if first is not None:
         entry: Entry | None = Entry(path=rel, type=HARDLINK, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
                                     gid=st.st_gid, mtime_ns=st.st_mtime_ns, target=first)
@@ -192,6 +213,38 @@ def walk(
     root: str | os.PathLike[str], excludes: Sequence[str] = DEFAULT_EXCLUDES,
 ) -> tuple[Iterator[Walked], ScanReport]:
     """Return an iterator over the tree's paths in manifest order, and the report it fills."""
+    root_b, st = _root(root)
+    report = ScanReport([], [])
+    walker = native.walker()
+    if walker is None:
+        return _walk(root_b, st, compile_excludes(excludes), report), report
+    check_excludes(excludes)
+    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
+    return _walk_native(walker(root_b, st.st_dev, patterns, None), root_b, report), report
+
+
+def walk_cached(
+    root: str | os.PathLike[str], excludes: Sequence[str], cache: StatCache, looked_at: Collection[bytes],
+    prefixes: Sequence[bytes], stored: Callable[[list[bytes]], bool],
+) -> tuple[Iterator[Cached], ScanReport]:
+    """walk(), each entry with its row in `cache` (StatCache.lookup: the old cache is read from the first entry
+    on). The native walk does the lookups in its thread, and gives runs of entries found as they were, except
+    those in `looked_at` or below a path in `prefixes`: a run whose files' content is not all `stored` (raw
+    digests) comes as its entries."""
+    from .statcache import MARGIN_NS
+
+    root_b, st = _root(root)
+    report = ScanReport([], [])
+    walker = native.walker()
+    if walker is None:
+        return cache.merged(_walk(root_b, st, compile_excludes(excludes), report)), report
+    check_excludes(excludes)
+    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
+    spec = (os.fsencode(cache.path), MARGIN_NS, list(looked_at), list(prefixes))
+    return _merge_native(walker(root_b, st.st_dev, patterns, spec), root_b, report, cache, stored), report
+
+
+def _root(root: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:
     root_b = os.fsencode(root)
     try:
         st = os.lstat(root_b)
@@ -201,13 +254,7 @@ def walk(
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)} is not a directory", "give the path of the chroot directory")
-    report = ScanReport([], [])
-    walker = native.walker()
-    if walker is None:
-        return _walk(root_b, st, compile_excludes(excludes), report), report
-    check_excludes(excludes)
-    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
-    return _walk_native(walker(root_b, st.st_dev, patterns), root_b, st, report), report
+    return root_b, st
 
 
 def scan(
@@ -234,20 +281,41 @@ def _list(absdir: bytes, root: bytes = b"", rel: bytes = b"") -> list[bytes]:
 _KINDS = frozenset((stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO))  # besides S_IFREG
 
 
-def _walk_native(chunks: native.NativeWalker, root: bytes, root_st: Lstat, report: ScanReport) -> Iterator[Walked]:
+def _walk_native(chunks: native.NativeWalker, root: bytes, report: ScanReport) -> Iterator[Walked]:
     """_walk's entries and report, from the native walk's thread (native/src/walk.rs)."""
-    yield b".", root, root_st, None
-    for items, mounts, sockets, excluded, error in chunks:
+    for items, mounts, sockets, excluded, _, error in chunks:
         yield from items
-        report.skipped_mounts += ["/" + os.fsdecode(m) for m in mounts]
-        report.skipped_sockets += ["/" + os.fsdecode(s) for s in sockets]
-        report.excluded += excluded
-        if error is not None:
-            code, rel, listing = error
-            path = root + b"/" + rel if rel else root
-            if listing:
-                raise UsageError(f"cannot read directory {os.fsdecode(path)}: {os.strerror(code)}", "check permissions")
-            raise OSError(code, os.strerror(code), path)
+        _report(report, root, mounts, sockets, excluded, error)
+
+
+def _merge_native(chunks: native.NativeWalker, root: bytes, report: ScanReport, cache: StatCache,
+                  stored: Callable[[list[bytes]], bool]) -> Iterator[Cached]:
+    """StatCache.merged(_walk(...)), from the native walk's thread, in runs where it can."""
+    for items, mounts, sockets, excluded, first_miss, error in chunks:
+        if first_miss is not None:
+            cache.missed(first_miss)
+        for item in items:
+            if isinstance(item, tuple):
+                yield item
+            else:
+                if stored(item.digests):
+                    yield item
+                else:
+                    yield from item.items()  # gc removed content the cache names: commit reads those files
+        _report(report, root, mounts, sockets, excluded, error)
+
+
+def _report(report: ScanReport, root: bytes, mounts: list[bytes], sockets: list[bytes], excluded: int,
+            error: tuple[int, bytes, bool] | None) -> None:
+    report.skipped_mounts += ["/" + os.fsdecode(m) for m in mounts]
+    report.skipped_sockets += ["/" + os.fsdecode(s) for s in sockets]
+    report.excluded += excluded
+    if error is not None:
+        code, rel, listing = error
+        path = root + b"/" + rel if rel else root
+        if listing:
+            raise UsageError(f"cannot read directory {os.fsdecode(path)}: {os.strerror(code)}", "check permissions")
+        raise OSError(code, os.strerror(code), path)
 
 
 def _walk(

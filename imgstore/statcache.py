@@ -10,7 +10,8 @@ content a file's line names is still stored (gc), commit checks.
 
 Rows are kept in manifest order, so the cache is read alongside the walk (a merge, like git's index) and the
 next one is written as the commit goes: neither is ever held whole in memory, which matters at a million
-files.
+files. Where the native module is built, commit's walk does the merge in its own thread (native/src/merge.rs,
+the twin of lookup()) and hands over runs of entries found as they were; merged() is the Python way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -31,7 +32,7 @@ from .manifest import sort_key
 if TYPE_CHECKING:
     from zstandard import ZstdCompressor
 
-    from .scan import Lstat
+    from .scan import Cached, Lstat, Walked
 
 MAGIC = b"imgstore-statcache 6\n"  # then blocks: a header, then one record per entry (docs/format.md)
 MARGIN_NS = 1_000_000_000  # far above the coarse clock tick file timestamps use
@@ -86,12 +87,22 @@ class StatCache:
     @classmethod
     def load(cls, path: Path, root: str) -> StatCache:
         cache = cls(path, root)
-        reader = _Reader.open(path, root)
-        if reader is not None:
-            cache.trusted_before_ns = reader.started - MARGIN_NS
-            cache._old = reader.rows()
-            cache._advance()
+        cache._load()
         return cache
+
+    def _load(self) -> None:
+        reader = _Reader.open(self.path, self.root)
+        if reader is not None:
+            self.trusted_before_ns = reader.started - MARGIN_NS
+            self._old = reader.rows()
+            self._advance()
+
+    def merged(self, walked: Iterable[Walked]) -> Iterator[Cached]:
+        """The walk's entries, each with its row if lookup() finds it (the old cache is read from the first)."""
+        self._load()
+        lookup = self.lookup
+        for w in walked:
+            yield w[0], w[1], w[2], w[3], lookup(w[0], w[2])
 
     def _advance(self) -> None:
         try:
@@ -119,14 +130,15 @@ class StatCache:
             row = self._find(rel)
         self._lookups += 1
         if row is None or st.st_ctime_ns >= self.trusted_before_ns or row[1] != key(st) or row[1] == NEVER:
-            self.miss()
+            self.missed(self._lookups - 1)
             return None
         return row
 
-    def miss(self) -> None:
-        """The line the last lookup returned cannot be used after all."""
-        if self._first_miss is None:
-            self._first_miss = self._lookups - 1
+    def missed(self, at: int) -> None:
+        """Entry number `at` (from 0, in walk order) was not found as it was: the next cache is written from there
+        (or from an earlier miss)."""
+        if self._first_miss is None or at < self._first_miss:
+            self._first_miss = at
 
     def _find(self, rel: bytes) -> Row | None:
         rel_key: list[bytes] | None = None
@@ -163,6 +175,28 @@ class StatCache:
             except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
                 self._give_up(exc)
         self.records += 1
+
+    def record_run(self, n: int, records: bytes) -> None:
+        """`n` rows at once, as the old cache had them (`records`: theirs, joined as in the file)."""
+        first_miss = self._first_miss
+        copies = n if first_miss is None else min(n, max(0, first_miss - self.records))
+        self.records += copies  # copies of old rows, as in record()
+        if copies == n:
+            return
+        pos = 0
+        for _ in range(copies):  # a run that spans the first miss (the native walk ends runs there)
+            plen, llen = _LENS.unpack_from(records, pos)
+            pos += _LENS.size + plen + KEY.size + llen
+        if self._broken is None:
+            try:
+                if self._zstd is None:
+                    self._start()
+                self._buf += memoryview(records)[pos:]
+                if len(self._buf) >= _BUFFER:
+                    self._flush()
+            except (OSError, ValueError, struct.error, ZstdError, NoSpace) as exc:
+                self._give_up(exc)
+        self.records += n - copies
 
     def _add(self, rel: bytes, k: bytes, line: bytes) -> None:
         buf = self._buf

@@ -9,12 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import disk_state, write_profile
 from treeutil import IS_ROOT, PING_CAP, make_nasty_tree
 
-from imgstore import commit
+from imgstore import commit, native
 from imgstore.statcache import MAGIC, StatCache, cache_path
 from imgstore.store import Store
+
+
+@pytest.fixture(autouse=True, params=["native-merge", "python-merge"])
+def merge(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test with the stat cache merged in the native walk's thread and in Python (StatCache.merged)."""
+    if request.param == "python-merge":
+        monkeypatch.setattr(native, "walker", lambda: None)
+    elif native.walker() is None:
+        pytest.skip("the native module is not built")
+    return str(request.param)
 
 
 def _tree(root: Path, dirs: int, per_dir: int) -> Path:
@@ -97,25 +108,25 @@ def test_a_damaged_cache_costs_reading_not_correctness(store: Store, tmp_path: P
     assert commit.commit(store, tree, "t", "four", no_kernel=True).read_files == 20_000
 
 
-def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: Path, monkeypatch, merge: str) -> None:  # type: ignore[no-untyped-def]
     # One changed file at the start of a tree of cached ones: its batch never fills, so it is sent off
     # once BATCH_FILES entries wait behind it (else the whole tree would wait in memory).
     write_profile(store.root, "t")
-    tree = _tree(tmp_path / "chroot", 3, 100)
+    tree = _tree(tmp_path / "chroot", 12, 100)
     _settle()
     commit.commit(store, tree, "t", "one", no_kernel=True)
     (tree / "d000/f0000").write_bytes(b"changed")
     _settle()
     monkeypatch.setattr(commit, "BATCH_FILES", 8)
     walked = [0]
-    real_walk = commit.walk
+    real_walk = commit.walk_cached
 
     def counting_walk(*args, **kwargs):  # type: ignore[no-untyped-def]
         it, report = real_walk(*args, **kwargs)
 
         def counted():  # type: ignore[no-untyped-def]
             for found in it:
-                walked[0] += 1
+                walked[0] += 1 if isinstance(found, tuple) else found.n  # a run of cached entries is many
                 yield found
 
         return counted(), report
@@ -127,12 +138,13 @@ def test_a_file_read_early_does_not_hold_back_the_rest(store: Store, tmp_path: P
         sent_at.append(walked[0])
         return real_submit(self, fn, batch)
 
-    monkeypatch.setattr(commit, "walk", counting_walk)
+    monkeypatch.setattr(commit, "walk_cached", counting_walk)
     monkeypatch.setattr(commit._Pool, "submit", spy)
     second = commit.commit(store, tree, "t", "two", no_kernel=True)
     assert second.created and second.read_files == 1 and len(sent_at) == 1
-    # Sent once 8 entries waited behind it, not after all 304 (when a thread reads it is the scheduler's).
-    assert sent_at[0] < 20 < second.entries
+    # Sent once 8 entries waited behind it, not after all 1,213 (when a thread reads it is the scheduler's); the
+    # native walk hands cached entries over in runs of at most a chunk (512).
+    assert sent_at[0] < (20 if merge == "python-merge" else 20 + 512) < second.entries
     assert commit.commit(store, tree, "t", "three", no_kernel=True).read_files == 0
 
 

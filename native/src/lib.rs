@@ -16,6 +16,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
+mod merge;
 mod walk;
 
 struct Wanted {
@@ -952,6 +953,7 @@ fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(walk::walk_tree, m)?)?;
     m.add_function(wrap_pyfunction!(walk::exclude_matches, m)?)?;
     m.add_class::<walk::Walker>()?;
+    m.add_class::<walk::Run>()?;
     m.add_class::<walk::Stat>()?;
     Ok(())
 }

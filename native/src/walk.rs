@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use crate::merge::{Merge, Row, KEY_LEN};
+
 const CHUNK: usize = 512; // entries handed over at a time
 const CHUNKS_AHEAD: usize = 64; // chunks the thread may be ahead of the loop: memory stays bounded
 const KEEP_OPEN: usize = 128; // directory levels kept open below the root (the deepest ones): paths may nest
@@ -49,24 +51,29 @@ pub struct Stat {
 }
 
 /// statcache.KEY: "<QqqqIQII?", little-endian, packed.
-fn cache_key(st: &libc::stat, mtime_ns: i128, ctime_ns: i128) -> Option<Vec<u8>> {
-    let mut k = Vec::with_capacity(53);
-    k.extend_from_slice(&st.st_ino.to_le_bytes());
-    k.extend_from_slice(&st.st_size.to_le_bytes());
-    k.extend_from_slice(&i64::try_from(mtime_ns).ok()?.to_le_bytes());
-    k.extend_from_slice(&i64::try_from(ctime_ns).ok()?.to_le_bytes());
-    k.extend_from_slice(&st.st_mode.to_le_bytes());
-    k.extend_from_slice(&st.st_nlink.to_le_bytes());
-    k.extend_from_slice(&st.st_uid.to_le_bytes());
-    k.extend_from_slice(&st.st_gid.to_le_bytes());
-    k.push(u8::from(st.st_blocks.saturating_mul(512) < st.st_size));
+fn cache_key(st: &libc::stat, mtime_ns: i128, ctime_ns: i128) -> Option<[u8; KEY_LEN]> {
+    let mut k = [0u8; KEY_LEN];
+    k[0..8].copy_from_slice(&st.st_ino.to_le_bytes());
+    k[8..16].copy_from_slice(&st.st_size.to_le_bytes());
+    k[16..24].copy_from_slice(&i64::try_from(mtime_ns).ok()?.to_le_bytes());
+    k[24..32].copy_from_slice(&i64::try_from(ctime_ns).ok()?.to_le_bytes());
+    k[32..36].copy_from_slice(&st.st_mode.to_le_bytes());
+    k[36..44].copy_from_slice(&st.st_nlink.to_le_bytes());
+    k[44..48].copy_from_slice(&st.st_uid.to_le_bytes());
+    k[48..52].copy_from_slice(&st.st_gid.to_le_bytes());
+    k[52] = u8::from(st.st_blocks.saturating_mul(512) < st.st_size);
     Some(k)
+}
+
+/// mtime and ctime in nanoseconds.
+fn times(st: &libc::stat) -> (i128, i128) {
+    (i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+     i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec))
 }
 
 impl Stat {
     fn of(py: Python<'_>, st: &libc::stat) -> Stat {
-        let mtime_ns = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
-        let ctime_ns = i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec);
+        let (mtime_ns, ctime_ns) = times(st);
         Stat {
             st_mode: st.st_mode,
             st_ino: st.st_ino,
@@ -150,13 +157,42 @@ struct Level {
     children: std::vec::IntoIter<(Vec<u8>, Child)>,
 }
 
+/// Consecutive entries the stat cache found as they were and that Python need not look at one by one: no
+/// symlink, no later path of a hardlinked inode, no file whose cached line is not a file's, nothing Python keeps
+/// (commit._LOOKED_AT, boot/), and no entry after the first miss but at its start.
+#[derive(Default)]
+struct RunData {
+    lines: Vec<u8>,
+    records: Vec<u8>,
+    digests: Vec<u8>,
+    files: usize,
+    size: i64,
+    stats: Vec<libc::stat>, // the entries' paths, keys and lines are in `records`
+}
+
+enum Item {
+    Entry(Vec<u8>, libc::stat, Option<Vec<u8>>, Option<Row>),
+    Run(RunData),
+}
+
 #[derive(Default)]
 struct Chunk {
-    items: Vec<(Vec<u8>, libc::stat, Option<Vec<u8>>)>,
+    items: Vec<Item>,
+    entries: usize,
     mounts: Vec<Vec<u8>>,
     sockets: Vec<Vec<u8>>,
     excluded: usize,
+    first_miss: Option<usize>,
     error: Option<(i32, Vec<u8>, bool)>, // errno, path below the root, whether listing the directory failed
+}
+
+/// What the walk looks up in the stat cache, and what Python keeps of the entries it finds there.
+struct Cached {
+    merge: Merge,
+    looked_at: Vec<Vec<u8>>,
+    prefixes: Vec<Vec<u8>>,
+    run: Option<RunData>,
+    at: usize,
 }
 
 struct Walk {
@@ -164,6 +200,7 @@ struct Walk {
     excludes: Vec<Vec<Tok>>,
     links: HashMap<u64, Vec<u8>>,
     chunk: Chunk,
+    cached: Option<Cached>,
     tx: mpsc::SyncSender<Chunk>,
 }
 
@@ -226,8 +263,62 @@ fn names(fd: libc::c_int) -> Result<Vec<Vec<u8>>, i32> {
     }
 }
 
+fn end_run(run: &mut Option<RunData>, chunk: &mut Chunk) {
+    if let Some(run) = run.take() {
+        chunk.items.push(Item::Run(run));
+    }
+}
+
 impl Walk {
+    /// An entry for the chunk: in a run if the stat cache has it as it was and Python need not look at it.
+    fn push(&mut self, rel: Vec<u8>, st: libc::stat, first: Option<Vec<u8>>) {
+        let chunk = &mut self.chunk;
+        chunk.entries += 1;
+        let c = match self.cached.as_mut() {
+            Some(c) => c,
+            None => return chunk.items.push(Item::Entry(rel, st, first, None)),
+        };
+        let at = c.at;
+        c.at += 1;
+        let kept = c.looked_at.iter().any(|p| *p == rel) || c.prefixes.iter().any(|p| rel.starts_with(p));
+        let (mtime_ns, ctime_ns) = times(&st);
+        let key = cache_key(&st, mtime_ns, ctime_ns);
+        let hit = c.merge.lookup(at, &rel, key.as_ref().map(|k| &k[..]), ctime_ns);
+        let miss_here = c.merge.first_miss == Some(at);
+        let row = if hit { Some(c.merge.found()) } else { None };
+        let digest = match (row, st.st_mode & libc::S_IFMT) {
+            (Some(_), libc::S_IFDIR | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO) => Some(None),
+            (Some(row), libc::S_IFREG) if first.is_none() => row.file_digest().map(Some),
+            _ => None,
+        };
+        match (row, digest) {
+            (Some(row), Some(digest)) if !kept => {
+                if miss_here {
+                    end_run(&mut c.run, chunk); // a run holds no miss but at its start (statcache records from it)
+                }
+                let run = c.run.get_or_insert_with(RunData::default);
+                run.lines.extend_from_slice(row.line());
+                run.records.extend_from_slice(&row.record);
+                if let Some(d) = digest {
+                    run.digests.extend_from_slice(&d);
+                    run.files += 1;
+                    run.size += st.st_size;
+                }
+                run.stats.push(st);
+            }
+            (row, _) => {
+                let row = row.cloned();
+                end_run(&mut c.run, chunk);
+                chunk.items.push(Item::Entry(rel, st, first, row));
+            }
+        }
+    }
+
     fn send(&mut self) -> bool {
+        if let Some(c) = self.cached.as_mut() {
+            end_run(&mut c.run, &mut self.chunk);
+            self.chunk.first_miss = c.merge.first_miss;
+        }
         let chunk = std::mem::take(&mut self.chunk);
         self.tx.send(chunk).is_ok() // an error: the loop stopped (commit failed) and dropped the walker
     }
@@ -257,10 +348,13 @@ impl Walk {
                 self.chunk.excluded += 1;
                 continue;
             }
-            let cname = CString::new(name.clone()).ok()?;
+            path.push(0); // the name NUL-terminated, in place (a name from readdir holds no NUL)
+            let cname = path[1 + prefix.len()..].as_ptr() as *const libc::c_char;
             // SAFETY: a valid directory descriptor, a NUL-terminated name and a stat buffer of our own.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            if unsafe { libc::fstatat(fd, cname.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            let failed = unsafe { libc::fstatat(fd, cname, &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0;
+            path.pop();
+            if failed {
                 match errno() {
                     libc::ENOENT => continue, // removed while we walk: simply not in this generation
                     e => {
@@ -315,6 +409,14 @@ impl Walk {
             let e = if root.contains(&0) { libc::EINVAL } else { errno() };
             return self.fail(e, Vec::new(), true);
         }
+        // SAFETY: an open descriptor and a stat buffer of our own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(root_fd, &mut st) } != 0 {
+            let e = errno();
+            close(root_fd);
+            return self.fail(e, Vec::new(), true);
+        }
+        self.push(b".".to_vec(), st, None);
         let children = match self.list(root_fd, b"") {
             Some(c) => c,
             None => return close(root_fd),
@@ -352,7 +454,7 @@ impl Walk {
                     }
                 }
             }
-            self.chunk.items.push((rel.clone(), st, first));
+            self.push(rel.clone(), st, first);
             if kind == libc::S_IFDIR {
                 let top = stack.len() - 1;
                 let fd = match Walk::fd_of(&mut stack, top).and_then(|parent| open_in(parent, &name)) {
@@ -379,7 +481,7 @@ impl Walk {
                     shallow.fd = -1;
                 }
             }
-            if self.chunk.items.len() >= CHUNK && !self.send() {
+            if self.chunk.entries >= CHUNK && !self.send() {
                 break;
             }
         }
@@ -387,19 +489,82 @@ impl Walk {
             close(level.fd);
         }
         if self.chunk.error.is_none() {
+            if let Some(c) = self.cached.as_mut() {
+                c.merge.finish(c.at);
+            }
             self.send();
         }
     }
 }
 
-/// Iterates over chunks: (entries as (path, absolute path, Stat, first path of its inode or None), paths on
-/// other filesystems, sockets, how many paths were excluded, (errno, path, listing) of an error or None). The
-/// root itself is not among the entries (scan.walk has its lstat).
+/// A run of entries the stat cache has as they were (RunData): `n` of them, their manifest lines and cache
+/// records joined, the raw digests of the files among them, how many files and bytes those are; items() gives them one by one, as the walk gives other entries (for commit to look at after all, when
+/// a file's content is no longer stored).
+#[pyclass(module = "imgstore._native")]
+pub struct Run {
+    #[pyo3(get)]
+    n: usize,
+    #[pyo3(get)]
+    lines: PyObject,
+    #[pyo3(get)]
+    records: PyObject,
+    #[pyo3(get)]
+    digests: PyObject,
+    #[pyo3(get)]
+    files: usize,
+    #[pyo3(get)]
+    size: i64,
+    root: Vec<u8>,
+    records_: Vec<u8>,
+    stats: Vec<libc::stat>,
+}
+
+#[pymethods]
+impl Run {
+    fn items(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        let items = PyList::empty(py);
+        let mut pos = 0;
+        for st in &self.stats {
+            let (row, len) = Row::parse(&self.records_[pos..]);
+            pos += len;
+            items.append(entry(py, &self.root, row.path(), st, None, Some(Some(&row)))?)?;
+        }
+        Ok(items.into())
+    }
+}
+
+/// An entry as Python gets it: (path, absolute path, Stat, first path of its inode or None), and where the walk
+/// looks the stat cache up, its row (path, key, line) or None.
+fn entry(py: Python<'_>, root: &[u8], rel: &[u8], st: &libc::stat, first: Option<&[u8]>,
+         row: Option<Option<&Row>>) -> PyResult<PyObject> {
+    let mut abs = root.to_vec();
+    if rel != b"." {
+        abs.push(b'/');
+        abs.extend_from_slice(rel);
+    }
+    let mut item: Vec<PyObject> = vec![
+        PyBytes::new(py, rel).into(),
+        PyBytes::new(py, &abs).into(),
+        Py::new(py, Stat::of(py, st))?.into_py(py),
+        first.map(|f| PyBytes::new(py, f)).into_py(py),
+    ];
+    if let Some(row) = row {
+        item.push(row.map(|r| (PyBytes::new(py, r.path()), PyBytes::new(py, r.key()), PyBytes::new(py, r.line())))
+            .into_py(py));
+    }
+    Ok(PyTuple::new(py, item).into())
+}
+
+/// Iterates over chunks: (entries, paths on other filesystems, sockets, how many paths were excluded, the first
+/// entry the stat cache did not have as it was or None, (errno, path, listing) of an error or None). The root
+/// is the first entry, as ".". Entries are as entry() makes them; with a stat cache, runs of them are Run.
 #[pyclass(module = "imgstore._native")]
 pub struct Walker {
     root: Vec<u8>,
     dev: u64,
     excludes: Vec<Vec<u8>>,
+    cache: Option<(Vec<u8>, i128, Vec<Vec<u8>>, Vec<Vec<u8>>)>,
+    merges: bool,
     rx: Option<mpsc::Receiver<Chunk>>,
     done: bool,
 }
@@ -418,17 +583,29 @@ impl Walker {
             Some(rx) => rx,
             None => {
                 let (tx, rx) = mpsc::sync_channel(CHUNKS_AHEAD);
+                let cache = self.cache.take();
+                let root = self.root.clone();
                 let mut walk = Walk {
                     dev: self.dev,
                     excludes: self.excludes.iter().map(|p| parse(p)).collect(),
                     links: HashMap::new(),
                     chunk: Chunk::default(),
+                    cached: None,
                     tx,
                 };
-                let root = self.root.clone();
                 std::thread::Builder::new()
                     .name("imgstore-walk".into())
-                    .spawn(move || walk.run(&root))
+                    .spawn(move || {
+                        // The old cache is opened here, in the thread: the commit holds the store lock by now.
+                        walk.cached = cache.map(|(path, margin, looked_at, prefixes)| Cached {
+                            merge: Merge::open(&path, &root, margin),
+                            looked_at,
+                            prefixes,
+                            run: None,
+                            at: 0,
+                        });
+                        walk.run(&root)
+                    })
                     .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
                 rx
             }
@@ -448,31 +625,44 @@ impl Walker {
         if chunk.error.is_some() {
             self.done = true;
         }
-        let mut abs = self.root.clone();
-        abs.push(b'/');
-        let base = abs.len();
         let items = PyList::empty(py);
-        for (rel, st, first) in &chunk.items {
-            abs.truncate(base);
-            abs.extend_from_slice(rel);
-            let item: [PyObject; 4] = [
-                PyBytes::new(py, rel).into(),
-                PyBytes::new(py, &abs).into(),
-                Py::new(py, Stat::of(py, st))?.into_py(py),
-                first.as_deref().map(|f| PyBytes::new(py, f)).into_py(py),
-            ];
-            items.append(PyTuple::new(py, item))?;
+        for item in chunk.items {
+            match item {
+                Item::Entry(rel, st, first, row) => {
+                    let row = if self.merges { Some(row.as_ref()) } else { None };
+                    items.append(entry(py, &self.root, &rel, &st, first.as_deref(), row)?)?;
+                }
+                Item::Run(run) => {
+                    let run = Run {
+                        n: run.stats.len(),
+                        lines: PyBytes::new(py, &run.lines).into(),
+                        records: PyBytes::new(py, &run.records).into(),
+                        digests: PyList::new(py, run.digests.chunks(32).map(|d| PyBytes::new(py, d))).into(),
+                        files: run.files,
+                        size: run.size,
+                        root: self.root.clone(),
+                        records_: run.records,
+                        stats: run.stats,
+                    };
+                    items.append(Py::new(py, run)?)?;
+                }
+            }
         }
         let bytes_list = |v: &[Vec<u8>]| PyList::new(py, v.iter().map(|p| PyBytes::new(py, p)));
         let error = chunk.error.as_ref().map(|(e, p, listing)| (*e, PyBytes::new(py, p), *listing));
-        Ok(Some((items, bytes_list(&chunk.mounts), bytes_list(&chunk.sockets), chunk.excluded, error).into_py(py)))
+        Ok(Some((items, bytes_list(&chunk.mounts), bytes_list(&chunk.sockets), chunk.excluded, chunk.first_miss, error)
+            .into_py(py)))
     }
 }
 
 /// A walker of the tree at `root` (a directory on device `dev`), skipping paths an exclude pattern matches.
+/// With `cache` (the stat cache's path, statcache.MARGIN_NS, the paths and path prefixes whose entries commit
+/// keeps), each entry is looked up in that cache as the walk goes.
 #[pyfunction]
-pub fn walk_tree(root: Vec<u8>, dev: u64, excludes: Vec<Vec<u8>>) -> Walker {
-    Walker { root, dev, excludes, rx: None, done: false }
+pub fn walk_tree(root: Vec<u8>, dev: u64, excludes: Vec<Vec<u8>>,
+                 cache: Option<(Vec<u8>, i128, Vec<Vec<u8>>, Vec<Vec<u8>>)>) -> Walker {
+    let merges = cache.is_some();
+    Walker { root, dev, excludes, cache, merges, rx: None, done: false }
 }
 
 /// Whether the exclude patterns match `path` (the tests compare it with scan.compile_excludes).
