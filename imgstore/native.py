@@ -1,8 +1,9 @@
 """imgstore's loops in Rust (native/src/lib.rs, built into imgstore/_native by setuptools-rust when cargo and
-Debian's crates are installed: scripts/setup.sh): commit's walk and read loop, materialize's write and link loops, the
-manifest decoder, the pack index reader and materialize's keys. Optional: without it all of them run in
-Python, slower (docs/benchmarks.md) and the same in every byte. Each accessor gives None where the module was
-not built or IMGSTORE_NATIVE=0 turns it off; the caller then runs its Python version."""
+Debian's crates are installed: scripts/setup.sh): commit's walk (with its stat cache lookups) and read loop,
+materialize's write and link loops, the manifest decoder, the pack index reader and materialize's keys.
+Optional: without it all of them run in Python, slower (docs/benchmarks.md) and the same in every byte. Each
+accessor gives None where the module was not built or IMGSTORE_NATIVE=0 turns it off; the caller then runs its
+Python version."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 //! The stat cache read alongside commit's walk (imgstore/statcache.py, docs/format.md "Stat cache"), in the
 //! walk's thread: each walked entry is looked up in the old cache as StatCache.lookup does, and entries found as
 //! they were are handed to Python in runs (their manifest lines and cache records joined), so that an unchanged
-//! entry costs Python nothing of its own ("Stat cache merge, session 19" in docs/benchmarks.md).
+//! entry costs Python nothing of its own ("Commit's walk and stat cache merge, sessions 18-19" in
+//! docs/benchmarks.md).
 
 use std::fs::File;
 use std::io::Read;

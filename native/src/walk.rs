@@ -1,10 +1,10 @@
-//! commit's walk (imgstore/scan.py: `walk`), in a thread of its own: while the commit's Python loop looks each
-//! entry up in the stat cache, this thread lists and lstats the ones after it ("No-op commit, session 18" in
-//! docs/benchmarks.md). It yields what scan._walk yields, in the same order (siblings in name-byte order,
-//! depth first), skips and reports the same things (other filesystems, sockets, excluded paths), and decides
-//! nothing else. Directories are opened one component at a time below the root (no symlink followed, no path
-//! length limit); the thread starts with the first chunk asked for, not before (the commit holds the store lock
-//! by then, and its scan start is taken).
+//! commit's walk (imgstore/scan.py: `walk`, `walk_cached`), in a thread of its own, ahead of the commit's Python
+//! loop ("Commit's walk and stat cache merge, sessions 18-19" in docs/benchmarks.md). It yields what scan._walk
+//! yields, in the same order (siblings in name-byte order, depth first), skips and reports the same things (other
+//! filesystems, sockets, excluded paths); for walk_cached it also looks each entry up in the stat cache
+//! (merge.rs) and hands over runs of entries found as they were. Directories are opened one component at a time
+//! below the root (no symlink followed, no path length limit); the thread starts with the first chunk asked for,
+//! not before (the commit holds the store lock by then, and its scan start is taken).
 
 use std::collections::HashMap;
 use std::ffi::CString;
