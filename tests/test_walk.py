@@ -274,6 +274,10 @@ def test_the_native_merge_finds_what_statcache_finds(tmp_path: Path, store: Any,
     assert miss is not None and 0 < miss < len(out) and not unchanged
     # No run spans the first miss (the next cache is copied up to it and written from it).
     assert not any(out[miss][0] in {rel for rel, *_ in run.items()[1:]} for run in runs)
+    # A block claiming 4 GB after whole ones: a damaged tail, read as far as the file goes.
+    path.write_bytes(data + b"\xf0\xff\xff\xff" + b"not a frame")
+    out, runs, miss, unchanged = _both(tree, store.root, monkeypatch)
+    assert miss is not None and not unchanged
 
 
 def test_a_run_across_the_first_miss_is_recorded_from_there(tmp_path: Path, store: Any,

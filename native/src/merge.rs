@@ -93,8 +93,13 @@ impl Reader {
                 Err(_) => return Err(()),
             }
         }
-        let mut frame = vec![0u8; u32::from_le_bytes(head) as usize];
-        self.f.read_exact(&mut frame).map_err(|_| ())?;
+        // Read up to the length the block claims, never allocating more than the file holds (a damaged length).
+        let n = u32::from_le_bytes(head) as usize;
+        let mut frame = Vec::new();
+        (&mut self.f).take(n as u64).read_to_end(&mut frame).map_err(|_| ())?;
+        if frame.len() != n {
+            return Err(());
+        }
         // Each block is one frame with a checksum, which libzstd checks.
         self.block = match zstd::zstd_safe::get_frame_content_size(&frame) {
             Ok(Some(size)) if size <= MAX_BLOCK => {
