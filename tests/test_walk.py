@@ -224,12 +224,15 @@ def test_the_native_merge_finds_what_statcache_finds(tmp_path: Path, store: Any,
     (tree / "etc").mkdir(exist_ok=True)
     (tree / "etc/os-release").write_text("ID=debian\n")
     write_profile(store.root, "t", f"[commit]\nrequire_kernel = false\nexclude = {json.dumps(EXCLUDES)}\n")
-    # A cache recorded just now trusts nothing (every entry changed less than a second before its scan).
+    # A cache whose scan started before every entry's last change trusts none of them (recorded as if an hour
+    # earlier: building the tree takes seconds, so "just now" would trust its first entries).
+    real = StatCache.begin
+    monkeypatch.setattr(StatCache, "begin", lambda self, ns: real(self, ns - HOUR))
     commit.commit(store, tree, "t", "fresh", no_kernel=True)
+    monkeypatch.undo()
     out, runs, miss, unchanged = _both(tree, store.root, monkeypatch)
     assert runs == [] and miss == 0 and not unchanged and all(row is None for *_, row in out)
 
-    real = StatCache.begin
     monkeypatch.setattr(StatCache, "begin", lambda self, ns: real(self, ns + HOUR))  # as if recorded an hour on
     commit.commit(store, tree, "t", "trusted", no_kernel=True)
     monkeypatch.undo()
