@@ -460,7 +460,7 @@ def commit(
                         # until it is done, nothing behind it can go out anyway.
                         if entries >= poll_at or held > MAX_WAITING:
                             poll_at = entries + POLL
-                            while pending and (pending[0][1].done() or entries - cache.records > MAX_WAITING):
+                            while pending and (pending[0][1].done() or held > MAX_WAITING):
                                 take_head()
                             while waiting and _ready(waiting[0]):
                                 out += emit(waiting.popleft())
@@ -468,8 +468,7 @@ def commit(
                         record(*item)
                         out += item[2]
                     else:
-                        cache.record_run(item.n, item.records)
-                        out += item.lines
+                        out += emit(item)
                     if len(out) >= OUT_CHUNK:
                         yield bytes(out)
                         out.clear()

@@ -218,9 +218,7 @@ def walk(
     walker = native.walker()
     if walker is None:
         return _walk(root_b, st, compile_excludes(excludes), report), report
-    check_excludes(excludes)
-    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
-    return _walk_native(walker(root_b, st.st_dev, patterns, None), root_b, report), report
+    return _walk_native(walker(root_b, st.st_dev, _patterns(excludes), None), root_b, report), report
 
 
 def walk_cached(
@@ -238,10 +236,14 @@ def walk_cached(
     walker = native.walker()
     if walker is None:
         return cache.merged(_walk(root_b, st, compile_excludes(excludes), report)), report
-    check_excludes(excludes)
-    patterns = [p.encode("utf-8", "surrogateescape") for p in excludes]
     spec = (os.fsencode(cache.path), MARGIN_NS, list(looked_at), list(prefixes))
-    return _merge_native(walker(root_b, st.st_dev, patterns, spec), root_b, report, cache, stored), report
+    return _merge_native(walker(root_b, st.st_dev, _patterns(excludes), spec), root_b, report, cache, stored), report
+
+
+def _patterns(excludes: Sequence[str]) -> list[bytes]:
+    """The exclude patterns, checked, as the native walk takes them."""
+    check_excludes(excludes)
+    return [p.encode("utf-8", "surrogateescape") for p in excludes]
 
 
 def _root(root: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:

@@ -62,7 +62,7 @@ impl Row {
 
 /// Manifest order (manifest.sort_key): component by component, which is byte order with '/' below every byte a
 /// name can hold; the root "." first.
-pub fn before(a: &[u8], b: &[u8]) -> bool {
+fn before(a: &[u8], b: &[u8]) -> bool {
     if b == b"." {
         return false;
     }

@@ -498,8 +498,9 @@ impl Walk {
 }
 
 /// A run of entries the stat cache has as they were (RunData): `n` of them, their manifest lines and cache
-/// records joined, the raw digests of the files among them, how many files and bytes those are; items() gives them one by one, as the walk gives other entries (for commit to look at after all, when
-/// a file's content is no longer stored).
+/// records joined, the raw digests of the files among them, how many files and bytes those are; items() gives
+/// them one by one, as the walk gives other entries (for commit to look at after all, when a file's content is no
+/// longer stored).
 #[pyclass(module = "imgstore._native")]
 pub struct Run {
     #[pyo3(get)]
@@ -507,7 +508,7 @@ pub struct Run {
     #[pyo3(get)]
     lines: PyObject,
     #[pyo3(get)]
-    records: PyObject,
+    records: Py<PyBytes>,
     #[pyo3(get)]
     digests: PyObject,
     #[pyo3(get)]
@@ -515,7 +516,6 @@ pub struct Run {
     #[pyo3(get)]
     size: i64,
     root: Vec<u8>,
-    records_: Vec<u8>,
     stats: Vec<libc::stat>,
 }
 
@@ -523,9 +523,10 @@ pub struct Run {
 impl Run {
     fn items(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
         let items = PyList::empty(py);
+        let records = self.records.as_ref(py).as_bytes();
         let mut pos = 0;
         for st in &self.stats {
-            let (row, len) = Row::parse(&self.records_[pos..]);
+            let (row, len) = Row::parse(&records[pos..]);
             pos += len;
             items.append(entry(py, &self.root, row.path(), st, None, Some(Some(&row)))?)?;
         }
@@ -641,7 +642,6 @@ impl Walker {
                         files: run.files,
                         size: run.size,
                         root: self.root.clone(),
-                        records_: run.records,
                         stats: run.stats,
                     };
                     items.append(Py::new(py, run)?)?;
