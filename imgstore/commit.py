@@ -480,6 +480,9 @@ def commit(
                     batch, batch_bytes = [], 0
                 while pending:
                     take_head()
+                    # The lines its batch held back go out while the workers finish the batches after it.
+                    while waiting and _ready(waiting[0]):
+                        out += emit(waiting.popleft())
                 while waiting:
                     out += emit(waiting.popleft())
                 yield bytes(out)
