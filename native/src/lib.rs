@@ -9,6 +9,7 @@
 //! walk saw (same inode, size, mtime and ctime, before and after the read) ends the run with None, and
 //! Python reads that one itself, with its retries and its error messages.
 
+use std::borrow::Cow;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 
@@ -615,7 +616,10 @@ fn in_threads<S: Send>(
 // -- manifest decoding (manifest.decode) ------------------------------------------------------------------
 
 /// %XX (two upper-case hex digits) to its byte, as manifest.unescape does; anything else is kept.
-fn unescape(text: &[u8]) -> Vec<u8> {
+fn unescape(text: &[u8]) -> Cow<'_, [u8]> {
+    if !text.contains(&b'%') {
+        return Cow::Borrowed(text); // most names: nothing to copy
+    }
     fn hex(b: u8) -> Option<u8> {
         match b {
             b'0'..=b'9' => Some(b - b'0'),
@@ -638,7 +642,7 @@ fn unescape(text: &[u8]) -> Vec<u8> {
         out.push(text[i]);
         i += 1;
     }
-    out
+    Cow::Owned(out)
 }
 
 /// A canonical decimal (an optional '-' for signed, then ASCII digits); None for anything Python's int()
@@ -673,25 +677,29 @@ fn safe_path(path: &[u8]) -> bool {
             && path.split(|&b| b == b'/').all(|part| !part.is_empty() && part != b"." && part != b".."))
 }
 
-/// One decoded line: the fields of Entry, in its __init__'s order.
-struct Line {
-    path: Vec<u8>,
+/// One decoded line: the fields of Entry, in its __init__'s order (borrowed from the manifest where unescaped).
+struct Line<'a> {
+    path: Cow<'a, [u8]>,
     kind: u8,
     mode: i128,
     uid: i128,
     gid: i128,
     mtime: i128,
     size: i128,
-    digest: Option<String>,
-    target: Vec<u8>,
+    digest: Option<&'a str>,
+    target: Cow<'a, [u8]>,
     rdev: (i128, i128),
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Vec<(Cow<'a, [u8]>, Vec<u8>)>,
     sparse: bool,
 }
 
-fn decode_line(line: &[u8]) -> Option<Line> {
-    let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
-    if fields.len() != 9 || fields[1].len() != 1 || !b"fdlhcbp".contains(&fields[1][0]) {
+fn decode_line(line: &[u8]) -> Option<Line<'_>> {
+    let mut fields: [&[u8]; 9] = [&[]; 9];
+    let mut parts = line.split(|&b| b == b'\t');
+    for field in fields.iter_mut() {
+        *field = parts.next()?;
+    }
+    if parts.next().is_some() || fields[1].len() != 1 || !b"fdlhcbp".contains(&fields[1][0]) {
         return None;
     }
     let kind = fields[1][0];
@@ -706,7 +714,7 @@ fn decode_line(line: &[u8]) -> Option<Line> {
         return None;
     }
     let data = fields[7];
-    let (mut digest, mut target, mut rdev, mut sparse) = (None, Vec::new(), (0, 0), false);
+    let (mut digest, mut target, mut rdev, mut sparse) = (None, Cow::Borrowed(&b""[..]), (0, 0), false);
     match kind {
         b'f' => {
             let (hexd, flag) = match data.iter().position(|&b| b == b',') {
@@ -716,7 +724,7 @@ fn decode_line(line: &[u8]) -> Option<Line> {
             if hexd.len() != 64 || !hexd.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
                 return None;
             }
-            digest = Some(String::from_utf8(hexd.to_vec()).ok()?);
+            digest = Some(std::str::from_utf8(hexd).ok()?);
             sparse = flag == b"sparse";
         }
         b'l' | b'h' => target = unescape(data),
@@ -744,9 +752,9 @@ fn decode_line(line: &[u8]) -> Option<Line> {
 
 /// Every line decoded and the whole checked as manifest.decode checks it, or None at the first thing that is
 /// not exactly canonical and valid (Python then decodes it, and names what is wrong).
-fn decode_all(data: &[u8]) -> Option<Vec<Line>> {
-    let mut kinds: std::collections::HashMap<Vec<u8>, u8> = std::collections::HashMap::new();
-    let mut open_dirs: Vec<Vec<u8>> = Vec::new();
+fn decode_all(data: &[u8]) -> Option<Vec<Line<'_>>> {
+    let mut kinds: std::collections::HashMap<Cow<'_, [u8]>, u8> = std::collections::HashMap::new();
+    let mut open_dirs: Vec<Cow<'_, [u8]>> = Vec::new();
     let mut out = Vec::new();
     for line in data.split(|&b| b == b'\n') {
         if line.is_empty() {
@@ -756,7 +764,7 @@ fn decode_all(data: &[u8]) -> Option<Vec<Line>> {
         if !safe_path(&e.path) || kinds.contains_key(&e.path) {
             return None;
         }
-        if e.path != b"." {
+        if &e.path[..] != b"." {
             let parent = match e.path.iter().rposition(|&b| b == b'/') {
                 Some(i) => &e.path[..i],
                 None => &b"."[..],
@@ -801,6 +809,8 @@ fn decode_manifest(py: Python<'_>, body: &[u8], entry: &PyAny) -> PyResult<PyObj
     let empty = PyBytes::new(py, b"");
     let empty_str = pyo3::types::PyString::new(py, "");
     let mut kinds: std::collections::HashMap<u8, PyObject> = std::collections::HashMap::new();
+    let no_rdev = (0, 0).to_object(py);
+    let no_xattrs = pyo3::types::PyTuple::empty(py).to_object(py);
     for e in lines {
         let kind = kinds
             .entry(e.kind)
@@ -820,21 +830,29 @@ fn decode_manifest(py: Python<'_>, body: &[u8], entry: &PyAny) -> PyResult<PyObj
             [
                 PyBytes::new(py, &e.path).to_object(py),
                 kind,
-                e.mode.to_object(py),
-                e.uid.to_object(py),
-                e.gid.to_object(py),
-                e.mtime.to_object(py),
-                e.size.to_object(py),
+                int(py, e.mode),
+                int(py, e.uid),
+                int(py, e.gid),
+                int(py, e.mtime),
+                int(py, e.size),
                 digest,
                 target,
-                (e.rdev.0, e.rdev.1).to_object(py),
-                xattrs.to_object(py),
+                if e.rdev == (0, 0) { no_rdev.clone_ref(py) } else { (int(py, e.rdev.0), int(py, e.rdev.1)).to_object(py) },
+                if e.xattrs.is_empty() { no_xattrs.clone_ref(py) } else { xattrs.to_object(py) },
                 e.sparse.to_object(py),
             ],
         );
         list.append(entry.call1(args)?)?;
     }
     Ok(list.into())
+}
+
+/// A Python int of `v`: through a C long where it fits (pyo3 converts an i128 through a byte array, 3 x slower).
+fn int(py: Python<'_>, v: i128) -> PyObject {
+    match i64::try_from(v) {
+        Ok(small) => small.to_object(py),
+        Err(_) => v.to_object(py),
+    }
 }
 
 // -- pack indexes (objects.PackIndex) -----------------------------------------------------------------------
@@ -901,17 +919,20 @@ fn add_index_records(
 /// None for the other entries; raises if an entry does not have the attributes of a manifest.Entry.
 #[pyfunction]
 fn mat_keys(py: Python<'_>, entries: &PyList) -> PyResult<Vec<Option<PyObject>>> {
+    use std::io::Write;
     let mut out = Vec::with_capacity(entries.len());
+    let mut text = Vec::with_capacity(64);
     for e in entries.iter() {
-        let kind: &str = e.getattr("type")?.extract()?;
+        let attr = |name: &pyo3::types::PyString| e.getattr(name);
+        let kind: &str = attr(pyo3::intern!(py, "type"))?.extract()?;
         let mut h = blake3::Hasher::new();
         match kind {
             "f" => {
-                let digest: &str = e.getattr("digest")?.extract()?;
+                let digest: &str = attr(pyo3::intern!(py, "digest"))?.extract()?;
                 h.update(digest.as_bytes());
             }
             "l" => {
-                let target: &[u8] = e.getattr("target")?.extract()?;
+                let target: &[u8] = attr(pyo3::intern!(py, "target"))?.extract()?;
                 h.update(b"symlink\0");
                 h.update(target);
             }
@@ -920,25 +941,39 @@ fn mat_keys(py: Python<'_>, entries: &PyList) -> PyResult<Vec<Option<PyObject>>>
                 continue;
             }
         }
-        let (uid, gid, mode, mtime): (i128, i128, i128, i128) = (
-            e.getattr("uid")?.extract()?,
-            e.getattr("gid")?.extract()?,
-            e.getattr("mode")?.extract()?,
-            e.getattr("mtime_ns")?.extract()?,
+        let (uid, gid, mode, mtime) = (
+            whole(attr(pyo3::intern!(py, "uid"))?)?,
+            whole(attr(pyo3::intern!(py, "gid"))?)?,
+            whole(attr(pyo3::intern!(py, "mode"))?)?,
+            whole(attr(pyo3::intern!(py, "mtime_ns"))?)?,
         );
-        let sparse: bool = e.getattr("sparse")?.extract()?;
-        let octal = if mode < 0 { format!("-{:o}", -mode) } else { format!("{:o}", mode) };
-        h.update(format!("{} {} {} {} {}", uid, gid, octal, mtime, sparse as u8).as_bytes());
-        let xattrs: Vec<(&[u8], &[u8])> = e.getattr("xattrs")?.extract()?;
-        for (k, v) in xattrs {
-            h.update(b"\0");
-            h.update(k);
-            h.update(b"\0");
-            h.update(v);
+        let sparse: bool = attr(pyo3::intern!(py, "sparse"))?.extract()?;
+        text.clear();
+        let sign = if mode < 0 { "-" } else { "" };
+        // Writing into a Vec cannot fail.
+        let _ = write!(text, "{} {} {}{:o} {} {}", uid, gid, sign, mode.unsigned_abs(), mtime, sparse as u8);
+        h.update(&text);
+        let xattrs = attr(pyo3::intern!(py, "xattrs"))?;
+        if xattrs.len()? > 0 {
+            let xattrs: Vec<(&[u8], &[u8])> = xattrs.extract()?;
+            for (k, v) in xattrs {
+                h.update(b"\0");
+                h.update(k);
+                h.update(b"\0");
+                h.update(v);
+            }
         }
         out.push(Some(pyo3::types::PyString::new(py, h.finalize().to_hex().as_str()).into()));
     }
     Ok(out)
+}
+
+/// A Python int as an i128: through a C long where it fits (pyo3 reads an i128 through a byte array).
+fn whole(v: &PyAny) -> PyResult<i128> {
+    match v.extract::<i64>() {
+        Ok(small) => Ok(small as i128),
+        Err(_) => v.extract(),
+    }
 }
 
 #[pymodule]
