@@ -153,8 +153,8 @@ def make_nasty_tree(root: Path) -> None:
         os.chown(j(b"setuid"), 0, 0)
         os.chmod(j(b"setuid"), 0o4755)
         # setgid with a group of its own, as crontab's; and a mode the umask (022) would not give at creation.
-        os.chown(write(b"setgid", b"#!/bin/sh\n"), 0, 102)
-        os.chmod(j(b"setgid"), 0o2755)
+        os.chown(write(b"setgid-group", b"#!/bin/sh\n"), 0, 102)
+        os.chmod(j(b"setgid-group"), 0o2755)
         write(b"group-writable", b"g", 0o664)
     # Directories' mtimes last: creating children changed them.
     os.utime(j(b"names"), ns=(1_400_000_000_000_000_007, 1_400_000_000_000_000_007))

@@ -231,9 +231,11 @@ unsafe fn write_loose(fd: libc::c_int, object: &CString, m: &Make, buf: &mut Vec
 
 /// Makes one regular file below root_fd, as checkout.make_new does: content, then owner (which clears setuid
 /// and capabilities), xattrs, mode, times. False (and nothing left behind) on any failure or a content that
-/// does not hash to its digest. The file is created with its permission bits (the tree's directories are
-/// its creator's only until restore's pass), and an `fstat` tells whether `fchown` and `fchmod` are needed:
-/// most files of a rootfs are root's with a mode the umask leaves alone, two calls fewer each.
+/// does not hash to its digest. The file is created with its final permission bits, never its special ones
+/// (until `fchown` it is its creator's, so at most the creator's group reads more than the finished file
+/// allows; below the top of the tree the directories are 0700 until restore's pass), and an `fstat` tells
+/// whether `fchown` and `fchmod` are needed: most files of a rootfs are root's with a mode the umask leaves
+/// alone, two calls fewer each.
 fn make_file(root_fd: libc::c_int, block: Option<&[u8]>, m: &Make, own: bool, buf: &mut Vec<u8>) -> bool {
     let content = match (&m.source, block) {
         (Source::Block { inner }, Some(block)) => match inner.checked_add(m.size).and_then(|e| block.get(*inner..e)) {
